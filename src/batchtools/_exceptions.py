@@ -1,0 +1,163 @@
+"""Exceptions raised by batchtools.
+
+The tree, grouped by what the caller can do about each family::
+
+    BatchtoolsError
+    ├── ConfigurationError        fix the options, job file or task; nothing ran
+    │   └── TemplateError         a command template that cannot be rendered
+    ├── JournalError              the journal cannot be used; committed work is kept
+    │   ├── JournalLockedError    another live process holds the journal
+    │   └── JournalMismatchError  the journal belongs to a different run
+    ├── RunAbortedError           the run could not go on (exit status 3)
+    └── AttemptError              one attempt failed; kept in outcomes, never raised
+        ├── AttemptTimeoutError   the attempt ran past its timeout
+        ├── CommandFailedError    a command exited non-zero or died by a signal
+        ├── WorkerLostError       the worker process died during the attempt
+        └── RemoteError           stand-in for an exception that could not be
+                                  sent back from a worker process
+
+Every exception keeps its facts as attributes and builds its text from them,
+and each one pickles, so it crosses the process boundary intact.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+
+class BatchtoolsError(Exception):
+    """Root of every exception that batchtools raises."""
+
+
+class ConfigurationError(BatchtoolsError, ValueError):
+    """Invalid options, job file, template or task, found before anything ran."""
+
+
+class TemplateError(ConfigurationError):
+    """A command template that cannot be parsed or rendered."""
+
+
+class JournalError(BatchtoolsError):
+    """The journal cannot be opened, read or written.
+
+    Attributes:
+        path: The journal file.
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(path, message)
+        self.path = path
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"journal {self.path}: {self.message}"
+
+
+class JournalLockedError(JournalError):
+    """Another live process holds the journal's writer lock."""
+
+    def __init__(self, path: str, holder_pid: int | None) -> None:
+        holder = f"process {holder_pid}" if holder_pid else "another process"
+        super().__init__(
+            path,
+            f"it is in use by {holder}; wait for that run to end or stop it first",
+        )
+        self.holder_pid = holder_pid
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.holder_pid))
+
+
+class JournalMismatchError(JournalError):
+    """The journal was made by a different command, task or option set."""
+
+
+class RunAbortedError(BatchtoolsError):
+    """The run could not go on; everything committed to the journal is kept."""
+
+
+class AttemptError(BatchtoolsError):
+    """Base of the errors that describe why one attempt failed."""
+
+
+class AttemptTimeoutError(AttemptError, TimeoutError):
+    """The attempt ran past its timeout and was stopped."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(timeout)
+        self.timeout = timeout
+
+    def __str__(self) -> str:
+        return f"timed out after {self.timeout:g} s"
+
+
+class CommandFailedError(AttemptError):
+    """A command exited with a non-zero status or was killed by a signal.
+
+    Attributes:
+        exit_status: The exit status, or the negative signal number when a
+            signal ended the command, as `subprocess` reports it.
+        stderr_tail: The last bytes the command wrote to stderr.
+        result: The command's captured output, when the backend kept it; it
+            is not pickled.
+    """
+
+    def __init__(
+        self, exit_status: int, stderr_tail: bytes = b"", result: Any = None
+    ) -> None:
+        super().__init__(exit_status, stderr_tail)
+        self.exit_status = exit_status
+        self.stderr_tail = stderr_tail
+        self.result = result
+
+    def __str__(self) -> str:
+        if self.exit_status < 0:
+            return f"killed by {signal_name(-self.exit_status)}"
+        return f"exit status {self.exit_status}"
+
+
+class WorkerLostError(AttemptError):
+    """The worker process died while it ran the attempt.
+
+    Attributes:
+        exit_status: The worker's exit code, or the negative signal number.
+    """
+
+    def __init__(self, exit_status: int | None) -> None:
+        super().__init__(exit_status)
+        self.exit_status = exit_status
+
+    def __str__(self) -> str:
+        if self.exit_status is None:
+            return "worker process died"
+        if self.exit_status < 0:
+            return f"worker process killed by {signal_name(-self.exit_status)}"
+        return f"worker process exited with status {self.exit_status}"
+
+
+class RemoteError(AttemptError):
+    """Stand-in for an exception raised in a worker that could not be pickled.
+
+    Attributes:
+        type_name: The qualified name of the original exception type.
+        message: `str()` of the original exception.
+        traceback_text: The formatted traceback from the worker.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback_text: str) -> None:
+        super().__init__(type_name, message, traceback_text)
+        self.type_name = type_name
+        self.message = message
+        self.traceback_text = traceback_text
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}"
+
+
+def signal_name(number: int) -> str:
+    """Return the conventional name of a signal number, such as ``SIGKILL``."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

@@ -1,0 +1,214 @@
+"""The interface between the engine and the places where attempts execute.
+
+The engine owns scheduling: which item runs, when, how often. A backend
+only executes. The engine starts ``capacity`` worker coroutines, and each
+one awaits `Backend.execute` for one attempt at a time; the backend makes
+sure that no more than ``concurrency`` of them execute at once (a backend
+whose ``capacity`` exceeds its concurrency queues the rest, as the process
+backend does to keep its workers fed with chunks).
+
+To stop an attempt early (a timeout, a halt, a second Ctrl-C) the engine
+calls `Backend.cancel` with the error the attempt must fail with; the
+pending `execute` then raises that error as soon as the backend has
+stopped, or given up on, the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Context:
+    """What a task receives when it declares a ``context`` parameter.
+
+    Attributes:
+        run_id: The run's id, kept by resume and retry.
+        key: The item's key (for a batch, the first item's key).
+        attempt: The attempt number, from 1.
+        seq: The item's position in the input, from 0 (``{#}`` is seq + 1).
+        idempotency_key: ``run_id`` and ``key`` joined; stable across
+            retries and resumes, for side effects that must happen once.
+        cancelled: Set when the engine gives up on the attempt (timeout,
+            halt, interrupt); a thread task should poll it and return.
+    """
+
+    run_id: str
+    key: str
+    attempt: int
+    seq: int
+    idempotency_key: str
+    cancelled: threading.Event | None = field(default=None, compare=False)
+
+    def __getstate__(self) -> tuple[str, str, int, int, str]:
+        # The event cannot cross to a worker process; a process task is
+        # stopped by killing its worker instead.
+        return (self.run_id, self.key, self.attempt, self.seq, self.idempotency_key)
+
+    def __setstate__(self, state: tuple[str, str, int, int, str]) -> None:
+        self.run_id, self.key, self.attempt, self.seq, self.idempotency_key = state
+        self.cancelled = None
+
+
+@dataclass(slots=True)
+class TaskSpec:
+    """A Python task as the backends see it.
+
+    Attributes:
+        function: The callable; a coroutine function for the async backend.
+        wants_context: Whether to pass ``context=`` to it.
+        name: The qualified name, for signatures and messages.
+    """
+
+    function: Callable[..., Any]
+    wants_context: bool
+    name: str
+
+    @classmethod
+    def from_callable(cls, function: Callable[..., Any]) -> TaskSpec:
+        """Describe ``function``, finding out whether it takes ``context``."""
+        try:
+            parameters = inspect.signature(function).parameters
+        except (TypeError, ValueError):
+            parameters = {}  # type: ignore[assignment]  # builtins without a signature
+        wants_context = "context" in parameters and parameters["context"].kind in (
+            inspect.Parameter.KEYWORD_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        )
+        module = getattr(function, "__module__", None) or "?"
+        qualname = getattr(function, "__qualname__", None) or repr(function)
+        return cls(function, wants_context, f"{module}:{qualname}")
+
+    @property
+    def is_async(self) -> bool:
+        """Whether calling the function returns an awaitable."""
+        return inspect.iscoroutinefunction(self.function) or (
+            inspect.iscoroutinefunction(getattr(self.function, "__call__", None))
+        )
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    """One attempt handed to a backend.
+
+    Attributes:
+        payload: The item, or the list of items of a batch.
+        context: The task's context for this attempt.
+        timeout: The attempt's timeout in seconds, enforced by the engine.
+        cancel_error: Set by `Backend.cancel`; the error `execute` raises.
+        handle: Backend-private state for the running attempt.
+    """
+
+    payload: Any
+    context: Context
+    timeout: float | None = None
+    cancel_error: BaseException | None = None
+    handle: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStatistics:
+    """Counts a backend reports at the end of a run.
+
+    Attributes:
+        workers_started: Workers (threads, processes) started, replacements
+            included.
+        workers_lost: Worker processes that died during an attempt.
+        abandoned_threads: Thread attempts given up on (timeout or cancel)
+            whose thread had not yet returned at the end of the run.
+    """
+
+    workers_started: int = 0
+    workers_lost: int = 0
+    abandoned_threads: int = 0
+
+
+class Backend(ABC):
+    """Executes attempts; see the module docstring for the contract.
+
+    Attributes:
+        name: ``async``, ``thread``, ``process``, ``subprocess`` or ``dask``.
+        concurrency: How many attempts may execute at once.
+    """
+
+    name: str = ""
+
+    def __init__(self, concurrency: int) -> None:
+        self.concurrency = concurrency
+
+    @property
+    def capacity(self) -> int:
+        """How many attempts the engine may hand over at once."""
+        return self.concurrency
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Start workers; called once, on the engine's loop, before any attempt."""
+
+    @abstractmethod
+    async def execute(self, call: Call) -> Any:
+        """Execute one attempt and return the task's value.
+
+        Raises:
+            BaseException: The task's own error, or a subclass of
+                `AttemptError` describing why the attempt failed, or
+                ``call.cancel_error`` once `cancel` was called.
+        """
+
+    @abstractmethod
+    def cancel(self, call: Call, error: BaseException) -> None:
+        """Stop the attempt of ``call``; its `execute` then raises ``error``."""
+
+    def stop_queued(self, error: BaseException) -> None:  # noqa: B027 - optional
+        """Fail every attempt handed over but not yet executing with ``error``.
+
+        Called when admission stops (the first Ctrl-C, a halt) so that no new
+        attempt starts. Backends without a queue of their own need nothing.
+        """
+
+    @abstractmethod
+    async def aclose(self, *, cancel: bool) -> None:
+        """Stop all workers and reap them.
+
+        Args:
+            cancel: Kill work that is still executing instead of waiting.
+        """
+
+    def statistics(self) -> BackendStatistics:
+        """Return the backend's counts so far."""
+        return BackendStatistics()
+
+
+def results_per_item(value: Any, items: Sequence[Any]) -> list[Any]:
+    """Split the value of a batch call into one value per item.
+
+    A batch task returns either a sequence with one value per item, in order,
+    or ``None``. An element that is an exception instance fails its item.
+
+    Raises:
+        TypeError: The value has the wrong shape.
+    """
+    if value is None:
+        return [None] * len(items)
+    if isinstance(value, list | tuple) and len(value) == len(items):
+        return list(value)
+    raise TypeError(
+        f"a batch task must return None or a list of {len(items)} values, one per "
+        f"item, not {type(value).__name__}"
+        + (f" of length {len(value)}" if isinstance(value, list | tuple) else "")
+    )
+
+
+async def cancellable_wait(call: Call, future: asyncio.Future[Any]) -> Any:
+    """Await ``future``, raising ``call.cancel_error`` if it is set meanwhile."""
+    try:
+        return await future
+    except asyncio.CancelledError:
+        if call.cancel_error is not None:
+            raise call.cancel_error from None
+        raise

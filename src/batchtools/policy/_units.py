@@ -1,0 +1,80 @@
+"""Parsing of durations (``30s``, ``5m``, ``250ms``) and sizes (``512M``, ``2G``)."""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import timedelta
+
+from batchtools._exceptions import ConfigurationError
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*", re.ASCII)
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(i?B?)\s*", re.ASCII | re.I)
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_duration(value: str | float | timedelta, *, name: str = "duration") -> float:
+    """Convert a duration to seconds.
+
+    Args:
+        value: Seconds as a number, a `timedelta`, or text such as ``"250ms"``,
+            ``"30s"``, ``"5m"``, ``"2h"`` or ``"1d"`` (a bare number is seconds).
+        name: What the value configures, for the error message.
+
+    Returns:
+        The duration in seconds, a finite number greater than zero.
+
+    Raises:
+        ConfigurationError: The value is not a positive, finite duration.
+    """
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool):
+        seconds = math.nan
+    elif isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.fullmatch(str(value))
+        if match is None:
+            raise ConfigurationError(
+                f"invalid {name} {value!r}: use a number with an optional unit "
+                "ms, s, m, h or d, such as '30s' or '250ms'"
+            )
+        seconds = float(match[1]) * _DURATION_UNITS[match[2] or "s"]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigurationError(
+            f"invalid {name} {value!r}: it must be greater than zero"
+        )
+    return seconds
+
+
+def parse_size(value: str | int, *, name: str = "size") -> int:
+    """Convert a size to bytes.
+
+    Args:
+        value: Bytes as an integer, or text such as ``"512M"``, ``"2G"`` or
+            ``"64KiB"``; the suffixes are binary (``1K`` is 1024 bytes).
+        name: What the value configures, for the error message.
+
+    Returns:
+        The size in bytes, greater than zero.
+
+    Raises:
+        ConfigurationError: The value is not a positive size.
+    """
+    if isinstance(value, bool):
+        size = 0
+    elif isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.fullmatch(str(value))
+        if match is None:
+            raise ConfigurationError(
+                f"invalid {name} {value!r}: use a number with an optional unit "
+                "K, M, G or T, such as '512M'"
+            )
+        size = int(float(match[1]) * _SIZE_UNITS[match[2].upper()])
+    if size <= 0:
+        raise ConfigurationError(f"invalid {name} {value!r}: it must be above zero")
+    return size
