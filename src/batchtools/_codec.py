@@ -23,8 +23,18 @@ from typing import Any
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
+_dump_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
 def encode(value: Any) -> str:
     """Return the canonical JSON text of ``value``."""
+    kind = type(value)
+    # Fast paths for the common item types; they give the same text as
+    # the general path below.
+    if kind is str:
+        return f'["s",{_dump_string(value)}]'
+    if kind is int:
+        return f'["i","{value}"]'
     return _dumps(_tag(value))
 
 

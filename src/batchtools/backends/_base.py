@@ -93,23 +93,40 @@ class TaskSpec:
         )
 
 
-@dataclass(slots=True, eq=False)
 class Call:
     """One attempt handed to a backend.
 
     Attributes:
         payload: The item, or the list of items of a batch.
-        context: The task's context for this attempt.
         timeout: The attempt's timeout in seconds, enforced by the engine.
         cancel_error: Set by `Backend.cancel`; the error `execute` raises.
         handle: Backend-private state for the running attempt.
     """
 
-    payload: Any
-    context: Context
-    timeout: float | None = None
-    cancel_error: BaseException | None = None
-    handle: Any = None
+    __slots__ = ("_context", "cancel_error", "handle", "payload", "timeout")
+
+    def __init__(
+        self,
+        payload: Any,
+        context: Context | Callable[[], Context],
+        timeout: float | None = None,
+    ) -> None:
+        self.payload = payload
+        self._context = context
+        self.timeout = timeout
+        self.cancel_error: BaseException | None = None
+        self.handle: Any = None
+
+    @property
+    def context(self) -> Context:
+        """The task's context for this attempt, built on first use."""
+        context = self._context
+        if not isinstance(context, Context):
+            context = self._context = context()
+        return context
+
+    def __repr__(self) -> str:
+        return f"<Call payload={self.payload!r:.60} timeout={self.timeout}>"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,62 @@
+"""Apply one operation to many items: bounded concurrency, retries, a journal.
+
+The entry points are `run` (returns a `Report`), `stream` (yields
+outcomes as they finish) and their async twins `arun` and `astream`.
+"""
+
+from batchtools._exceptions import (
+    AttemptError,
+    AttemptTimeoutError,
+    BatchtoolsError,
+    CommandFailedError,
+    ConfigurationError,
+    JournalError,
+    JournalLockedError,
+    JournalMismatchError,
+    RemoteError,
+    RunAbortedError,
+    TemplateError,
+    WorkerLostError,
+)
+from batchtools.backends._base import Context
+from batchtools.engine._api import AsyncStream, Stream, arun, astream, run, stream
+from batchtools.engine._engine import Interrupted, Observer
+from batchtools.engine._halt import Halt
+from batchtools.engine._outcome import Attempt, FailureGroup, Outcome, Report, State
+from batchtools.policy import Backoff, Retry, parse_duration, parse_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncStream",
+    "Attempt",
+    "AttemptError",
+    "AttemptTimeoutError",
+    "Backoff",
+    "BatchtoolsError",
+    "CommandFailedError",
+    "ConfigurationError",
+    "Context",
+    "FailureGroup",
+    "Halt",
+    "Interrupted",
+    "JournalError",
+    "JournalLockedError",
+    "JournalMismatchError",
+    "Observer",
+    "Outcome",
+    "RemoteError",
+    "Report",
+    "Retry",
+    "RunAbortedError",
+    "State",
+    "Stream",
+    "TemplateError",
+    "WorkerLostError",
+    "arun",
+    "astream",
+    "parse_duration",
+    "parse_size",
+    "run",
+    "stream",
+]

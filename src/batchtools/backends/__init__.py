@@ -1,0 +1,1 @@
+"""Where attempts execute: async, thread, process and subprocess backends."""

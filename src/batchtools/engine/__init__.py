@@ -1,0 +1,1 @@
+"""The scheduler and the library entry points built on it."""

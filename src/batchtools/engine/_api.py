@@ -1,0 +1,624 @@
+"""The library's entry points: `run`, `stream` and their async twins."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import threading
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from batchtools._exceptions import ConfigurationError
+from batchtools.backends._base import Backend, TaskSpec
+from batchtools.backends._local import AsyncBackend, ThreadBackend
+from batchtools.engine._engine import Engine, Observer, Settings
+from batchtools.engine._halt import Halt
+from batchtools.engine._outcome import Outcome, Report
+from batchtools.journal import ItemRow, Journal, iter_items
+from batchtools.policy._units import parse_duration
+from batchtools.policy.retry import Retry
+
+BACKENDS = ("async", "thread", "process", "subprocess")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_OUTPUT_LIMIT = 1024
+
+
+def cpu_count() -> int:
+    """Return the CPUs this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity call
+        return os.cpu_count() or 1
+
+
+def default_concurrency(backend: str) -> int:
+    """Return the default concurrency of a backend.
+
+    Processes and commands get one slot per CPU, since each keeps a CPU
+    busy. Async tasks wait on I/O almost all the time, so 100 of them cost
+    little. Threads get what `ThreadPoolExecutor` picks: the CPUs plus 4, at
+    most 32, enough for blocking I/O without thrashing the GIL.
+    """
+    cpus = cpu_count()
+    if backend == "async":
+        return 100
+    if backend == "thread":
+        return min(32, cpus + 4)
+    return cpus
+
+
+@dataclass(slots=True)
+class Job:
+    """Everything needed to start a run, checked before anything runs.
+
+    Attributes:
+        backend: The backend, not started yet.
+        settings: The engine's settings.
+        signature: The hash that a resumed run must match.
+        spec: A description of the task and options, kept in the journal.
+    """
+
+    backend: Backend
+    settings: Settings
+    signature: str
+    spec: dict[str, Any]
+
+
+def prepare(
+    task: Any,
+    *,
+    concurrency: int | None = None,
+    retry: Retry | int | None = None,
+    timeout: float | str | None = None,
+    backend: str | None = None,
+    key: Callable[[Any], str] | None = None,
+    batch_size: int | None = None,
+    halt: Halt | str | None = None,
+    ordered: bool = False,
+    collect: bool = False,
+    shell: bool = False,
+    env: Mapping[str, str] | None = None,
+    spec: Mapping[str, Any] | None = None,
+) -> Job:
+    """Check the options and build the backend for ``task``.
+
+    Raises:
+        ConfigurationError: An option or the task is invalid.
+    """
+    batch = _positive("batch_size", batch_size, default=1)
+    name, chosen = _choose_backend(task, backend)
+    width = _positive("concurrency", concurrency, default=default_concurrency(chosen))
+    settings = Settings(
+        retry=Retry.coerce(retry),
+        timeout=None if timeout is None else parse_duration(timeout, name="timeout"),
+        batch_size=batch,
+        halt=Halt.parse(halt) if isinstance(halt, str) else halt,
+        ordered=ordered,
+        collect=collect,
+        key=key,
+    )
+    made = _make_backend(task, chosen, width, batch, shell, env)
+    description = {
+        "task": name,
+        "backend": chosen,
+        "batch_size": batch,
+        "shell": shell,
+        "key": getattr(key, "__qualname__", None),
+    }
+    signature = hashlib.sha256(
+        json.dumps(description, sort_keys=True).encode()
+    ).hexdigest()[:32]
+    full_spec = {**description, **(spec or {})}
+    return Job(made, settings, signature, full_spec)
+
+
+def _positive(name: str, value: int | None, *, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name}={value!r} must be a whole number of at least 1")
+    return value
+
+
+def _is_command(task: Any) -> bool:
+    from batchtools.backends._command import CommandTemplate
+
+    if isinstance(task, str | CommandTemplate):
+        return True
+    return isinstance(task, list | tuple) and all(
+        isinstance(part, str | bytes) for part in task
+    )
+
+
+def _choose_backend(task: Any, backend: str | None) -> tuple[str, str]:
+    if backend is not None and backend not in BACKENDS:
+        raise ConfigurationError(
+            f"backend={backend!r} is not one of {', '.join(BACKENDS)}"
+        )
+    if _is_command(task):
+        if backend not in (None, "subprocess"):
+            raise ConfigurationError(
+                f"a command template runs on the subprocess backend, not {backend!r}"
+            )
+        return _command_text(task), "subprocess"
+    if not callable(task):
+        raise ConfigurationError(
+            f"task {task!r} is neither a callable nor a command template"
+        )
+    spec = TaskSpec.from_callable(task)
+    if backend is None:
+        backend = "async" if spec.is_async else "thread"
+    if backend == "subprocess":
+        raise ConfigurationError("the subprocess backend runs command templates only")
+    if spec.is_async and backend != "async":
+        raise ConfigurationError(
+            f"the coroutine function {spec.name} runs on the async backend, "
+            f"not {backend!r}"
+        )
+    if backend == "async" and not spec.is_async:
+        raise ConfigurationError(
+            f"the async backend needs a coroutine function; {spec.name} is not one"
+        )
+    return spec.name, backend
+
+
+def _command_text(task: Any) -> str:
+    from batchtools.backends._command import CommandTemplate
+
+    if isinstance(task, CommandTemplate):
+        return task.text
+    if isinstance(task, str):
+        return task
+    return json.dumps([p if isinstance(p, str) else os.fsdecode(p) for p in task])
+
+
+def _make_backend(
+    task: Any, name: str, width: int, batch: int, shell: bool,
+    env: Mapping[str, str] | None,
+) -> Backend:
+    if name == "subprocess":
+        from batchtools.backends._command import CommandTemplate
+        from batchtools.backends._subprocess import SubprocessBackend
+
+        template = (
+            task if isinstance(task, CommandTemplate)
+            else CommandTemplate.parse(task, shell=shell)
+        )
+        return SubprocessBackend(template, width, env=env, batched=batch > 1)
+    spec = TaskSpec.from_callable(task)
+    if name == "async":
+        return AsyncBackend(spec, width)
+    if name == "thread":
+        return ThreadBackend(spec, width)
+    from batchtools.backends._process import ProcessBackend, check_picklable
+
+    check_picklable(spec)
+    return ProcessBackend(spec, width)
+
+
+def open_journal(
+    path: str | os.PathLike[str] | None, job: Job, *, force: bool = False
+) -> Journal | None:
+    """Create the journal at ``path``, or open it to resume when it exists.
+
+    Raises:
+        JournalError: The journal cannot be used (locked, damaged, another run).
+    """
+    if path is None:
+        return None
+    journal_path = Path(path)
+    if journal_path.exists():
+        return Journal.open_existing(journal_path, signature=job.signature, force=force)
+    return Journal.create(
+        journal_path, run_id=job.settings.run_id, signature=job.signature, spec=job.spec
+    )
+
+
+def build_engine(
+    items: Iterable[Any] | AsyncIterable[Any],
+    job: Job,
+    journal: Journal | None,
+    observers: Sequence[Observer] = (),
+    *,
+    rerun: Iterable[str] | None = None,
+    journal_rows: Iterable[ItemRow] | None = None,
+) -> Engine:
+    """Assemble an engine from checked parts."""
+    kwargs: dict[str, Any] = {}
+    if rerun is not None:
+        kwargs["rerun_states"] = frozenset(rerun)
+    return Engine(
+        items, job.backend, job.settings, journal=journal, observers=observers,
+        journal_rows=journal_rows, **kwargs,
+    )
+
+
+def failed_rows(path: str | os.PathLike[str]) -> Iterator[ItemRow]:
+    """Yield a journal's failed items, for retrying exactly them."""
+    return iter_items(path, ["failed"])
+
+
+@contextlib.contextmanager
+def signal_handlers(
+    engine: Engine, received: list[int] | None = None
+) -> Iterator[None]:
+    """Stop ``engine`` on SIGINT, SIGTERM and SIGHUP while the block runs.
+
+    The first signal stops admission and lets attempts in flight finish;
+    the second cancels them. Installed only on the main thread, where the
+    event loop can receive signals.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    seen = received if received is not None else []
+
+    def handle(number: int) -> None:
+        seen.append(number)
+        name = signal.Signals(number).name
+        engine.stop(f"received {name}", cancel=len(seen) > 1)
+
+    for number in STOP_SIGNALS:
+        loop.add_signal_handler(number, handle, number)
+    try:
+        yield
+    finally:
+        for number in STOP_SIGNALS:
+            loop.remove_signal_handler(number)
+
+
+async def arun(
+    items: Iterable[Any] | AsyncIterable[Any],
+    task: Any,
+    *,
+    concurrency: int | None = None,
+    retry: Retry | int | None = None,
+    timeout: float | str | None = None,
+    journal: str | os.PathLike[str] | None = None,
+    backend: str | None = None,
+    key: Callable[[Any], str] | None = None,
+    batch_size: int | None = None,
+    halt: Halt | str | None = None,
+    observers: Sequence[Observer] = (),
+    force: bool = False,
+    shell: bool = False,
+    env: Mapping[str, str] | None = None,
+    handle_signals: bool = False,
+) -> Report:
+    """Apply ``task`` to every item and return the report; see `run`."""
+    job = prepare(
+        task, concurrency=concurrency, retry=retry, timeout=timeout, backend=backend,
+        key=key, batch_size=batch_size, halt=halt, collect=True, shell=shell, env=env,
+    )
+    engine = build_engine(items, job, open_journal(journal, job, force=force), observers)
+    if not handle_signals:
+        return await engine.run()
+    with signal_handlers(engine):
+        return await engine.run()
+
+
+def run(
+    items: Iterable[Any] | AsyncIterable[Any],
+    task: Any,
+    *,
+    concurrency: int | None = None,
+    retry: Retry | int | None = None,
+    timeout: float | str | None = None,
+    journal: str | os.PathLike[str] | None = None,
+    backend: str | None = None,
+    key: Callable[[Any], str] | None = None,
+    batch_size: int | None = None,
+    halt: Halt | str | None = None,
+    observers: Sequence[Observer] = (),
+    force: bool = False,
+    shell: bool = False,
+    env: Mapping[str, str] | None = None,
+    handle_signals: bool = False,
+) -> Report:
+    """Apply ``task`` to every item and return the report.
+
+    Failures never raise: each is an outcome in the report. Where an event
+    loop already runs in this thread (a notebook), the run goes on a helper
+    thread with its own loop, and a `KeyboardInterrupt` here cancels it.
+
+    Args:
+        items: Any iterable, read lazily; an async iterable works too.
+        task: A sync or async callable taking one item (or a list of items
+            with ``batch_size``), optionally with a ``context`` keyword; or
+            a command template such as ``"gzip -k {}"`` or ``["gzip", "{}"]``.
+        concurrency: Attempts executing at once; the default depends on the
+            backend (see `default_concurrency`).
+        retry: Retries after the first attempt, or a `Retry` policy.
+        timeout: Seconds (or ``"30s"``) one attempt may take.
+        journal: Path of a journal file; an existing one is resumed.
+        backend: ``async``, ``thread``, ``process`` or ``subprocess``;
+            chosen from the task by default.
+        key: A function giving each item's key, instead of a content hash.
+        batch_size: Hand the task lists of up to this many items.
+        halt: Stop early on failures, such as ``"now,fail=1"``.
+        observers: Receivers of the engine's events.
+        force: Resume a journal whose run had a different signature.
+        shell: Run a command template through ``/bin/sh``.
+        env: The environment of commands.
+        handle_signals: Stop on SIGINT, SIGTERM and SIGHUP (main thread only).
+
+    Returns:
+        The report, with every outcome in input order.
+
+    Raises:
+        ConfigurationError: An option or the task is invalid; nothing ran.
+        JournalError: The journal cannot be used; nothing ran.
+        RunAbortedError: The journal failed during the run; what was
+            committed is kept.
+    """
+    kwargs = {
+        "concurrency": concurrency, "retry": retry, "timeout": timeout,
+        "journal": journal, "backend": backend, "key": key,
+        "batch_size": batch_size, "halt": halt, "observers": observers,
+        "force": force, "shell": shell, "env": env,
+    }
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(arun(items, task, handle_signals=handle_signals, **kwargs))
+    return _run_on_helper_thread(lambda: arun(items, task, **kwargs))
+
+
+def _run_on_helper_thread(make: Callable[[], Any]) -> Report:
+    loop = asyncio.new_event_loop()
+    result: list[Report] = []
+    errors: list[BaseException] = []
+    main: list[asyncio.Task[Report]] = []
+
+    def target() -> None:
+        async def go() -> None:
+            main.append(asyncio.current_task())  # type: ignore[arg-type]
+            result.append(await make())
+
+        try:
+            loop.run_until_complete(go())
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller
+            errors.append(error)
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=target, name="batchtools-run", daemon=True)
+    thread.start()
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        if main:
+            loop.call_soon_threadsafe(main[0].cancel)
+        thread.join()
+        raise
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
+class AsyncStream:
+    """Outcomes of a run as they finish; an async iterator and context manager.
+
+    Leaving the ``async with`` block, or breaking out of the loop inside it,
+    cancels the run and reaps its workers at once.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._buffer: collections.deque[Outcome] = collections.deque()
+        self._arrived: asyncio.Event | None = None
+        self._task: asyncio.Task[Report] | None = None
+        self.report: Report | None = None
+        engine.set_output(self._put, lambda: len(self._buffer), _OUTPUT_LIMIT)
+
+    def _put(self, outcome: Outcome) -> None:
+        self._buffer.append(outcome)
+        if self._arrived is not None:
+            self._arrived.set()
+
+    async def start(self) -> None:
+        """Start the run, if it has not started yet."""
+        if self._task is None:
+            self._arrived = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._engine.run())
+            self._task.add_done_callback(lambda _: self._arrived and self._arrived.set())
+
+    async def __aenter__(self) -> AsyncStream:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> AsyncIterator[Outcome]:
+        return self
+
+    async def __anext__(self) -> Outcome:
+        batch = await self.next_batch(1)
+        if not batch:
+            raise StopAsyncIteration
+        return batch[0]
+
+    async def next_batch(self, limit: int = 256) -> list[Outcome]:
+        """Return up to ``limit`` outcomes, waiting for one; empty at the end.
+
+        Raises:
+            RunAbortedError: The run could not go on.
+        """
+        await self.start()
+        assert self._task is not None and self._arrived is not None
+        while not self._buffer:
+            if self._task.done():
+                self.report = self._task.result()
+                return []
+            self._arrived.clear()
+            await self._arrived.wait()
+        count = min(limit, len(self._buffer))
+        batch = [self._buffer.popleft() for _ in range(count)]
+        self._engine.output_taken()
+        return batch
+
+    async def aclose(self) -> None:
+        """Cancel what is still running and wait for the workers to be reaped."""
+        if self._task is None:
+            return
+        if not self._task.done():
+            self._engine.stop("the stream was closed", cancel=True)
+        with contextlib.suppress(Exception):
+            self.report = await self._task
+
+
+def astream(
+    items: Iterable[Any] | AsyncIterable[Any],
+    task: Any,
+    *,
+    ordered: bool = False,
+    concurrency: int | None = None,
+    retry: Retry | int | None = None,
+    timeout: float | str | None = None,
+    journal: str | os.PathLike[str] | None = None,
+    backend: str | None = None,
+    key: Callable[[Any], str] | None = None,
+    batch_size: int | None = None,
+    halt: Halt | str | None = None,
+    observers: Sequence[Observer] = (),
+    force: bool = False,
+    shell: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> AsyncStream:
+    """Yield outcomes as they finish; the async twin of `stream`.
+
+    Raises:
+        ConfigurationError: An option or the task is invalid; nothing ran.
+        JournalError: The journal cannot be used; nothing ran.
+    """
+    job = prepare(
+        task, concurrency=concurrency, retry=retry, timeout=timeout, backend=backend,
+        key=key, batch_size=batch_size, halt=halt, ordered=ordered, shell=shell,
+        env=env,
+    )
+    journal_file = open_journal(journal, job, force=force)
+    return AsyncStream(build_engine(items, job, journal_file, observers))
+
+
+class Stream:
+    """Outcomes of a run as they finish; an iterator and context manager.
+
+    The run goes on a helper thread with its own event loop. Leaving the
+    ``with`` block, or breaking out of a ``for`` loop over it, cancels the
+    run and reaps its workers at once.
+    """
+
+    def __init__(self, inner: AsyncStream) -> None:
+        self._inner = inner
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._closed = False
+
+    @property
+    def report(self) -> Report | None:
+        """The report, once the run has ended."""
+        return self._inner.report
+
+    def _start(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(
+                target=self._loop.run_forever, name="batchtools-stream", daemon=True
+            )
+            self._thread.start()
+            asyncio.run_coroutine_threadsafe(self._inner.start(), self._loop).result()
+        return self._loop
+
+    def __enter__(self) -> Stream:
+        self._start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Outcome]:
+        loop = self._start()
+        try:
+            while True:
+                future = asyncio.run_coroutine_threadsafe(self._inner.next_batch(), loop)
+                batch = future.result()
+                if not batch:
+                    return
+                yield from batch
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Cancel what is still running, reap the workers and stop the thread."""
+        if self._closed or self._loop is None:
+            return
+        self._closed = True
+        loop = self._loop
+        asyncio.run_coroutine_threadsafe(self._inner.aclose(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        assert self._thread is not None
+        self._thread.join()
+        loop.close()
+
+
+def stream(
+    items: Iterable[Any] | AsyncIterable[Any],
+    task: Any,
+    *,
+    ordered: bool = False,
+    concurrency: int | None = None,
+    retry: Retry | int | None = None,
+    timeout: float | str | None = None,
+    journal: str | os.PathLike[str] | None = None,
+    backend: str | None = None,
+    key: Callable[[Any], str] | None = None,
+    batch_size: int | None = None,
+    halt: Halt | str | None = None,
+    observers: Sequence[Observer] = (),
+    force: bool = False,
+    shell: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> Stream:
+    """Yield outcomes as they finish, without keeping them.
+
+    With ``ordered=True`` outcomes come in input order, through a bounded
+    reorder buffer. With a journal, an outcome is yielded only after it is
+    committed. Takes the same options as `run`.
+
+    Raises:
+        ConfigurationError: An option or the task is invalid; nothing ran.
+        JournalError: The journal cannot be used; nothing ran.
+    """
+    return Stream(
+        astream(
+            items, task, ordered=ordered, concurrency=concurrency, retry=retry,
+            timeout=timeout, journal=journal, backend=backend, key=key,
+            batch_size=batch_size, halt=halt, observers=observers, force=force,
+            shell=shell, env=env,
+        )
+    )

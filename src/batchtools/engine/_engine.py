@@ -1,0 +1,786 @@
+"""The scheduler: reads items, admits them under the limits, runs attempts.
+
+Data flow::
+
+    Feed --blocks--> [journal register] --> ready jobs
+        --> worker coroutines (``backend.capacity`` of them)
+            --> Backend.execute --> success / failure
+                --> retry? park with a backoff timer, outside the slot
+                --> outcome --> journal update, observers, output
+
+One event loop runs all of it; nothing here blocks. Each worker coroutine
+takes the next job (a retry whose backoff has ended first, then new items)
+and awaits one attempt at a time, so the number of worker coroutines is
+the bound on work handed to the backend. Timeouts are enforced by one
+sweeper over a heap of deadlines, not a timer per attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import heapq
+import itertools
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from batchtools import _codec
+from batchtools._exceptions import (
+    AttemptTimeoutError,
+    BatchtoolsError,
+    CommandFailedError,
+    JournalError,
+    RemoteError,
+    RunAbortedError,
+    WorkerLostError,
+)
+from batchtools.backends._base import Backend, Call, Context, results_per_item
+from batchtools.engine._feed import Feed
+from batchtools.engine._halt import Halt
+from batchtools.engine._outcome import (
+    Attempt,
+    Outcome,
+    Report,
+    State,
+    format_error,
+)
+from batchtools.journal import ItemRow, Journal
+from batchtools.policy.retry import NO_RETRY, Retry
+
+log = logging.getLogger("batchtools.engine")
+retry_log = logging.getLogger("batchtools.retry")
+
+VALUE_LIMIT = 64 * 1024
+_PARKED_LIMIT = 4096
+
+
+class Observer(Protocol):
+    """Receives the engine's events; every method must return quickly."""
+
+    def on_start(self, engine: Engine) -> None:
+        """The run starts."""
+
+    def on_retry(
+        self, key: str, attempt: int, delay: float, error: BaseException
+    ) -> None:
+        """An attempt failed and the item waits ``delay`` seconds to retry."""
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        """An item reached its outcome."""
+
+    def on_finish(self, report: Report) -> None:
+        """The run ended."""
+
+
+class Interrupted(BatchtoolsError):
+    """The attempt was stopped because the run was interrupted or halted."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclass(slots=True)
+class Settings:
+    """How the engine schedules attempts.
+
+    Attributes:
+        retry: The retry policy.
+        timeout: Seconds an attempt may run, or ``None``.
+        batch_size: Items per task call; 1 hands over single items.
+        halt: When to stop early because of failures.
+        ordered: Emit outcomes in input order.
+        collect: Keep every outcome in the report.
+        key: A function from item to key text, instead of the content hash.
+        store_value: Turns a value into the JSON text kept in the journal,
+            or ``None`` to keep none.
+        run_id: The run's id; new runs get a random one.
+    """
+
+    retry: Retry = NO_RETRY
+    timeout: float | None = None
+    batch_size: int = 1
+    halt: Halt | None = None
+    ordered: bool = False
+    collect: bool = False
+    key: Callable[[Any], str] | None = None
+    store_value: Callable[[Any], str | None] | None = None
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    """One item (or one batch of items) on its way through the engine."""
+
+    index: int
+    seq: int
+    key: str | None
+    item: Any
+    attempt: int = 0
+    lost_workers: int = 0
+    first_started: float | None = None
+    attempts: list[Attempt] | None = None
+    members: list[_Job] | None = None
+
+
+def store_json(value: Any) -> str | None:
+    """Return ``value`` as JSON text if it is JSON data of at most 64 KiB."""
+    if value is None:
+        return "null"
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    return text if len(text) <= VALUE_LIMIT else None
+
+
+def error_json(error: BaseException) -> str:
+    """Return the journal's JSON record of an error."""
+    record: dict[str, Any] = {
+        "type": (
+            error.type_name
+            if isinstance(error, RemoteError)
+            else f"{type(error).__module__}.{type(error).__qualname__}"
+        ),
+        "message": str(error.message if isinstance(error, RemoteError) else error),
+        "traceback": format_error(error)[-16000:],
+    }
+    if isinstance(error, CommandFailedError | WorkerLostError):
+        record["exit_status"] = error.exit_status
+    if isinstance(error, CommandFailedError) and error.stderr_tail:
+        record["stderr_tail"] = error.stderr_tail.decode("utf-8", "replace")
+    if isinstance(error, AttemptTimeoutError):
+        record["timeout"] = error.timeout
+    return json.dumps(record, ensure_ascii=False)
+
+
+def error_from_json(text: str | None) -> BaseException | None:
+    """Rebuild an error recorded by `error_json`, as faithfully as it can."""
+    if not text:
+        return None
+    record = json.loads(text)
+    type_name = record.get("type", "")
+    if type_name.endswith(".CommandFailedError"):
+        tail = record.get("stderr_tail", "").encode()
+        return CommandFailedError(record.get("exit_status", 1), tail)
+    if type_name.endswith(".WorkerLostError"):
+        return WorkerLostError(record.get("exit_status"))
+    if type_name.endswith(".AttemptTimeoutError"):
+        return AttemptTimeoutError(record.get("timeout", 0.0))
+    short = type_name.rsplit(".", 1)[-1]
+    if type_name.startswith("builtins."):
+        type_name = short
+    return RemoteError(type_name, record.get("message", ""), record.get("traceback", ""))
+
+
+class Engine:
+    """Runs one task over a source of items; see the module docstring."""
+
+    def __init__(
+        self,
+        source: Iterable[Any] | AsyncIterable[Any],
+        backend: Backend,
+        settings: Settings,
+        *,
+        journal: Journal | None = None,
+        observers: Sequence[Observer] = (),
+        rerun_states: frozenset[str] = frozenset({"pending", "running", "retrying", "cancelled"}),
+        journal_rows: Iterable[ItemRow] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.journal = journal
+        self.observers = list(observers)
+        self.report = Report(run_id=journal.run.run_id if journal else settings.run_id)
+        if journal is not None:
+            self.report.journal = str(journal.path)
+        self.run_id = self.report.run_id
+        self._rerun_states = rerun_states
+        self._journal_rows = journal_rows
+        self._feed = Feed(journal_rows if journal_rows is not None else source)
+        self._ready: collections.deque[_Job] = collections.deque()
+        self._retry_ready: collections.deque[_Job] = collections.deque()
+        self._parked = 0
+        self._index = itertools.count()
+        self._refill: asyncio.Future[None] | None = None
+        self._wakeup: asyncio.Future[None] | None = None
+        self._active: set[Call] = set()
+        self._stopping: str | None = None
+        self._cancelling = False
+        self._aborted: BaseException | None = None
+        self._rng = random.Random()
+        self._timeouts: list[tuple[float, int, Call]] = []
+        self._timeout_counter = itertools.count()
+        self._sweeper_wake: asyncio.Future[None] | None = None
+        self._finished_count = 0
+        self._output: Callable[[Outcome], Any] | None = None
+        self._backlog: Callable[[], int] | None = None
+        self._backlog_limit = 0
+        self._waiting_commit: collections.deque[tuple[int, Outcome]] = collections.deque()
+        self._reorder: dict[int, Outcome | None] = {}
+        self._next_index = 0
+        self.read_count = 0
+        self.input_total: int | None = None
+        self.retrying = 0
+
+    # -- public control --------------------------------------------------
+
+    def set_output(
+        self,
+        output: Callable[[Outcome], Any],
+        backlog: Callable[[], int] | None = None,
+        limit: int = 0,
+    ) -> None:
+        """Send each outcome to ``output`` once it is final and committed.
+
+        Args:
+            output: Receives outcomes on the event loop.
+            backlog: Returns how many outcomes the consumer has not taken.
+            limit: Admission pauses while the backlog is at this size; the
+                consumer calls `output_taken` to let it go on.
+        """
+        self._output = output
+        self._backlog = backlog
+        self._backlog_limit = limit
+
+    def output_taken(self) -> None:
+        """Tell the engine that the consumer took outcomes from its backlog."""
+        self._wake_all()
+
+    def stop(self, reason: str = "interrupted", *, cancel: bool = False) -> None:
+        """Stop admission; with ``cancel``, also stop attempts in flight.
+
+        Items not yet read are left for a resume; items waiting out a
+        backoff and (with ``cancel``) attempts in flight end ``cancelled``.
+        """
+        if self._stopping is None:
+            self._stopping = reason
+            log.info("run %s stopping: %s", self.run_id, reason)
+            self.backend.stop_queued(Interrupted(reason))
+            self._wake_all()
+        if cancel and not self._cancelling:
+            self._cancelling = True
+            for call in list(self._active):
+                self.backend.cancel(call, Interrupted(reason))
+
+    @property
+    def in_flight(self) -> int:
+        """Attempts handed to the backend and not yet returned."""
+        return len(self._active)
+
+    # -- the run ---------------------------------------------------------
+
+    async def run(self) -> Report:
+        """Run until every item has its outcome or the run is stopped.
+
+        Raises:
+            RunAbortedError: The journal could not be written; what was
+                committed is kept.
+        """
+        loop = asyncio.get_running_loop()
+        report = self.report
+        report.started = time.time()
+        began = time.perf_counter()
+        if self.journal is not None:
+            self.journal.start(loop, self._on_commit, self._on_journal_error)
+        for observer in self.observers:
+            observer.on_start(self)
+        sweeper = loop.create_task(self._sweep()) if self.settings.timeout else None
+        try:
+            await self.backend.start()
+            workers = [
+                loop.create_task(self._work()) for _ in range(self.backend.capacity)
+            ]
+            try:
+                await asyncio.gather(*workers)
+            except BaseException:
+                self.stop("cancelled", cancel=True)
+                for task in workers:
+                    task.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+                raise
+        finally:
+            if sweeper is not None:
+                sweeper.cancel()
+            await self.backend.aclose(cancel=self._cancelling or self._aborted is not None)
+            await self._feed.aclose()
+            await self._close_journal()
+            stats = self.backend.statistics()
+            report.abandoned_threads = stats.abandoned_threads
+            report.workers_lost = stats.workers_lost
+            report.duration = time.perf_counter() - began
+            report.interrupted = self._stopping is not None and report.halted is None
+        self._drain_reorder(final=True)
+        if self._aborted is not None:
+            raise RunAbortedError(str(self._aborted)) from self._aborted
+        if self.settings.collect:
+            report.collected.sort(key=lambda o: o.seq)
+            report.unnumbered = self.journal is None
+        for observer in self.observers:
+            observer.on_finish(report)
+        return report
+
+    async def _close_journal(self) -> None:
+        journal = self.journal
+        if journal is None:
+            return
+        if journal.error is None:
+            if self._stopping is None and self._feed.exhausted:
+                journal.mark_input_complete()
+            if self._stopping is not None and self.report.halted is None:
+                journal.event("interrupted", {"reason": self._stopping})
+                journal.set_state("interrupted")
+            else:
+                journal.set_state("finished")
+            await journal.aflush()
+        await asyncio.to_thread(journal.close)
+        if journal.error is not None and self._aborted is None:
+            self._aborted = journal.error
+
+    def _on_journal_error(self, error: JournalError) -> None:
+        if self._aborted is None:
+            self._aborted = error
+        self.stop(f"the journal failed: {error}", cancel=True)
+
+    # -- taking jobs -----------------------------------------------------
+
+    async def _work(self) -> None:
+        while True:
+            job = await self._next_job()
+            if job is None:
+                return
+            await self._attempt(job)
+
+    async def _next_job(self) -> _Job | None:
+        while True:
+            if self._retry_ready:
+                return self._retry_ready.popleft()
+            if self._stopping is not None:
+                return None
+            if self._ready and not self._window_full():
+                return self._ready.popleft()
+            if self._ready:
+                await self._wait()
+                continue
+            if self._feed.exhausted and not self._ready and self._refill is None:
+                if self._parked == 0:
+                    self._wake_all()
+                    return None
+                await self._wait()
+            elif self._parked >= _PARKED_LIMIT or self._window_full():
+                await self._wait()
+            elif self._refill is not None:
+                await asyncio.shield(self._refill)
+            else:
+                await self._fill()
+
+    def _window_full(self) -> bool:
+        if self._backlog is not None and self._backlog() >= self._backlog_limit:
+            return True
+        if not self.settings.ordered or not self._ready:
+            return False
+        window = max(4 * self.backend.capacity, 1024)
+        return self._ready[0].index >= self._next_index + window
+
+    async def _wait(self) -> None:
+        if self._wakeup is None or self._wakeup.done():
+            self._wakeup = asyncio.get_running_loop().create_future()
+        await self._wakeup
+
+    def _wake_all(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def _fill(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._refill = refill = loop.create_future()
+        try:
+            block = await self._feed.read(_block_size(self.settings.batch_size))
+            if self._journal_rows is not None:
+                rows: list[ItemRow] = block
+                jobs = [self._job_from_row(row) for row in rows]
+            elif self.journal is not None:
+                jobs = await self._register(block)
+            else:
+                jobs = [self._job(item) for item in block]
+            self.read_count += len(block)
+            self._queue_jobs(jobs)
+        except BaseException as error:
+            if isinstance(error, asyncio.CancelledError | JournalError):
+                raise
+            log.error("reading the input failed: %s", error)
+            self._aborted = error
+            self.stop(f"reading the input failed: {error}", cancel=True)
+        finally:
+            self._refill = None
+            refill.set_result(None)
+            self._wake_all()
+
+    def _queue_jobs(self, jobs: list[_Job]) -> None:
+        size = self.settings.batch_size
+        if size <= 1:
+            self._ready.extend(jobs)
+            return
+        for start in range(0, len(jobs), size):
+            members = jobs[start : start + size]
+            first = members[0]
+            batch = _Job(first.index, first.seq, first.key, [m.item for m in members])
+            batch.members = members
+            self._ready.append(batch)
+
+    def _job(self, item: Any) -> _Job:
+        index = next(self._index)
+        key = self.settings.key(item) if self.settings.key is not None else None
+        return _Job(index, index, key, item)
+
+    def _job_from_row(self, row: ItemRow) -> _Job:
+        job = _Job(next(self._index), row.seq, row.key, row.item)
+        job.attempt = row.attempts
+        return job
+
+    async def _register(self, block: list[Any]) -> list[_Job]:
+        assert self.journal is not None
+        loop = asyncio.get_running_loop()
+        rows = []
+        jobs = []
+        key_function = self.settings.key
+        for item in block:
+            index = next(self._index)
+            text = _codec.encode(item)
+            digest = str(key_function(item)) if key_function else _codec.digest(text)
+            rows.append((index, text, digest))
+            jobs.append(_Job(index, index, None, item))
+        answer: asyncio.Future[list[ItemRow] | BaseException] = loop.create_future()
+        self.journal.register(
+            rows, lambda result: answer.done() or answer.set_result(result)
+        )
+        registered = await answer
+        if isinstance(registered, BaseException):
+            raise registered
+        runnable = []
+        for job, row in zip(jobs, registered, strict=True):
+            job.seq = row.seq
+            job.key = row.key
+            job.attempt = row.attempts
+            job.lost_workers = row.lost_workers
+            if row.state in self._rerun_states:
+                runnable.append(job)
+            else:
+                self._finish_from_journal(job, row)
+        return runnable
+
+    def _finish_from_journal(self, job: _Job, row: ItemRow) -> None:
+        state = State(row.state)
+        outcome = Outcome(job.seq, row.key, job.item, state, source="journal")
+        if state is State.SUCCEEDED:
+            outcome.value = json.loads(row.value) if row.value else None
+            self.report.from_journal += 1
+        else:
+            outcome.error = error_from_json(row.error)
+            outcome.reason = row.reason
+        self._emit(job.index, outcome, None)
+
+    # -- attempts --------------------------------------------------------
+
+    def _context(self, job: _Job) -> Context:
+        key = job.key if job.key is not None else _lazy_key(job)
+        return Context(self.run_id, key, job.attempt, job.seq, f"{self.run_id}:{key}")
+
+    async def _attempt(self, job: _Job) -> None:
+        job.attempt += 1
+        started = time.time()
+        if job.first_started is None:
+            job.first_started = started
+        call = Call(job.item, lambda: self._context(job), self.settings.timeout)
+        self._active.add(call)
+        if self.journal is not None:
+            self._journal_running(job, started)
+        if call.timeout is not None:
+            self._add_deadline(call)
+        began = time.perf_counter()
+        try:
+            value = await self.backend.execute(call)
+        except asyncio.CancelledError:
+            self._active.discard(call)
+            raise
+        except BaseException as error:  # noqa: BLE001 - every failure is data
+            self._active.discard(call)
+            self._failed(job, error, started, time.perf_counter() - began)
+            return
+        self._active.discard(call)
+        duration = time.perf_counter() - began
+        if job.members is None:
+            self._succeeded(job, value, started, duration)
+        else:
+            self._batch_succeeded(job, value, started, duration)
+
+    def _journal_running(self, job: _Job, started: float) -> None:
+        assert self.journal is not None
+        for member in job.members or (job,):
+            self.journal.update(
+                member.seq, "running", attempts=job.attempt, started=started
+            )
+
+    def _succeeded(self, job: _Job, value: Any, started: float, duration: float) -> None:
+        attempts = job.attempts
+        if attempts is not None or self.settings.collect:
+            attempts = attempts or []
+            attempts.append(Attempt(job.attempt, started, duration))
+        outcome = Outcome(
+            job.seq, job.key, job.item, State.SUCCEEDED, value,
+            attempts=attempts or [],
+        )
+        op = None
+        if self.journal is not None:
+            store = self.settings.store_value or store_json
+            op = self.journal.update(
+                job.seq, "succeeded", attempts=job.attempt, value=store(value),
+                ended=started + duration,
+            )
+        self._emit(job.index, outcome, op)
+
+    def _batch_succeeded(
+        self, job: _Job, value: Any, started: float, duration: float
+    ) -> None:
+        assert job.members is not None
+        try:
+            values = results_per_item(value, job.members)
+        except TypeError as error:
+            self._fail_for_good(job, error, started, duration)
+            return
+        for member, member_value in zip(job.members, values, strict=True):
+            member.attempt = job.attempt
+            member.attempts = job.attempts
+            if isinstance(member_value, BaseException):
+                self._fail_for_good(member, member_value, started, duration)
+            else:
+                self._succeeded(member, member_value, started, duration)
+
+    def _failed(
+        self, job: _Job, error: BaseException, started: float, duration: float
+    ) -> None:
+        if job.attempts is None:
+            job.attempts = []
+        job.attempts.append(Attempt(job.attempt, started, duration, error))
+        if isinstance(error, WorkerLostError):
+            job.lost_workers += 1
+        if isinstance(error, Interrupted):
+            self._cancelled(job, error.reason)
+            return
+        delay = self._retry_delay(job, error)
+        if delay is None:
+            self._fail_for_good(job, error, started, duration, recorded=True)
+            return
+        self._park(job, error, started, duration, delay)
+
+    def _retry_delay(self, job: _Job, error: BaseException) -> float | None:
+        policy = self.settings.retry
+        if self._stopping is not None:
+            return None
+        if not policy.allows(error, job.attempt, job.lost_workers):
+            return None
+        if isinstance(error, WorkerLostError):
+            return 0.0
+        delay = policy.backoff.delay(job.attempt, self._rng)
+        deadline = policy.deadline_seconds
+        if deadline is not None and job.first_started is not None:
+            if time.time() + delay >= job.first_started + deadline:
+                return None
+        return delay
+
+    def _park(
+        self, job: _Job, error: BaseException, started: float, duration: float,
+        delay: float,
+    ) -> None:
+        key = job.key or _lazy_key(job)
+        retry_log.warning(
+            "item %s attempt %d failed (%s); retrying in %.2f s",
+            key, job.attempt, error, delay,
+        )
+        for observer in self.observers:
+            observer.on_retry(key, job.attempt, delay, error)
+        if self.journal is not None:
+            text = error_json(error)
+            for member in job.members or (job,):
+                self.journal.add_attempt(member.seq, job.attempt, started, duration, text)
+                self.journal.update(
+                    member.seq, "retrying", attempts=job.attempt,
+                    lost_workers=job.lost_workers, error=text,
+                )
+        self._parked += 1
+        self.retrying += 1
+        asyncio.get_running_loop().call_later(delay, self._unpark, job)
+
+    def _unpark(self, job: _Job) -> None:
+        self._parked -= 1
+        self.retrying -= 1
+        if self._stopping is not None:
+            self._cancelled(job, self._stopping)
+            self._wake_all()
+            return
+        self._retry_ready.append(job)
+        self._wake_all()
+
+    def _fail_for_good(
+        self, job: _Job, error: BaseException, started: float, duration: float,
+        *, recorded: bool = False,
+    ) -> None:
+        if job.members is not None:
+            for member in job.members:
+                member.attempt = job.attempt
+                member.attempts = job.attempts
+                member.lost_workers = job.lost_workers
+                self._fail_for_good(member, error, started, duration, recorded=recorded)
+            return
+        if not recorded:
+            job.attempts = (job.attempts or []) + [
+                Attempt(job.attempt, started, duration, error)
+            ]
+        outcome = Outcome(
+            job.seq, job.key, job.item, State.FAILED, error=error,
+            attempts=job.attempts or [],
+        )
+        op = None
+        if self.journal is not None:
+            text = error_json(error)
+            self.journal.add_attempt(job.seq, job.attempt, started, duration, text)
+            op = self.journal.update(
+                job.seq, "failed", attempts=job.attempt,
+                lost_workers=job.lost_workers, error=text, ended=started + duration,
+            )
+        self._emit(job.index, outcome, op)
+
+    def _cancelled(self, job: _Job, reason: str) -> None:
+        for member in job.members or (job,):
+            outcome = Outcome(
+                member.seq, member.key, member.item, State.CANCELLED,
+                attempts=job.attempts or [], reason=reason,
+            )
+            op = None
+            if self.journal is not None:
+                # An interrupted item goes back to pending, so resume runs it;
+                # only a halt's cancellation is final.
+                state = "cancelled" if self.report.halted else "pending"
+                op = self.journal.update(member.seq, state, reason=reason)
+            self._emit(member.index, outcome, op)
+
+    # -- outcomes --------------------------------------------------------
+
+    def _emit(self, index: int, outcome: Outcome, op: int | None) -> None:
+        report = self.report
+        report.counts[outcome.state.value] += 1
+        if outcome.state is State.FAILED:
+            report.failures.add(outcome.key, outcome.error)
+            self._check_halt()
+        if self.settings.collect:
+            report.collected.append(outcome)
+        for observer in self.observers:
+            observer.on_outcome(outcome)
+        if self._output is None:
+            return
+        if self.settings.ordered:
+            self._reorder[index] = outcome
+            if op is not None and self.journal is not None and op > self.journal.committed:
+                self._waiting_commit.append((op, outcome))
+            self._drain_reorder()
+        elif op is not None and self.journal is not None and op > self.journal.committed:
+            self._waiting_commit.append((op, outcome))
+        else:
+            self._output(outcome)
+
+    def _drain_reorder(self, *, final: bool = False) -> None:
+        if not self.settings.ordered or self._output is None:
+            return
+        pending_commit = {id(o) for _, o in self._waiting_commit}
+        while self._next_index in self._reorder:
+            outcome = self._reorder[self._next_index]
+            if outcome is not None and id(outcome) in pending_commit and not final:
+                return
+            del self._reorder[self._next_index]
+            self._next_index += 1
+            if outcome is not None:
+                self._output(outcome)
+        if final:
+            for index in sorted(self._reorder):
+                outcome = self._reorder.pop(index)
+                if outcome is not None:
+                    self._output(outcome)
+        self._wake_all()
+
+    def _on_commit(self, committed: int) -> None:
+        waiting = self._waiting_commit
+        while waiting and waiting[0][0] <= committed:
+            _, outcome = waiting.popleft()
+            if not self.settings.ordered and self._output is not None:
+                self._output(outcome)
+        if self.settings.ordered:
+            self._drain_reorder()
+
+    def _check_halt(self) -> None:
+        halt = self.settings.halt
+        if halt is None or self.report.halted is not None:
+            return
+        counts = self.report.counts
+        reason = halt.reached(counts["failed"], sum(counts.values()))
+        if reason is not None:
+            self.report.halted = reason
+            log.warning("halting run %s: %s", self.run_id, reason)
+            self.stop(f"halted: {reason}", cancel=halt.cancel)
+
+    # -- timeouts --------------------------------------------------------
+
+    def _add_deadline(self, call: Call) -> None:
+        assert call.timeout is not None
+        deadline = time.monotonic() + call.timeout
+        heap = self._timeouts
+        if len(heap) > 2 * len(self._active) + 1024:
+            heap[:] = [entry for entry in heap if entry[2] in self._active]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (deadline, next(self._timeout_counter), call))
+        if heap[0][2] is call and self._sweeper_wake is not None:
+            if not self._sweeper_wake.done():
+                self._sweeper_wake.set_result(None)
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        heap = self._timeouts
+        while True:
+            now = time.monotonic()
+            while heap and heap[0][0] <= now:
+                _, _, call = heapq.heappop(heap)
+                if call in self._active and call.cancel_error is None:
+                    assert call.timeout is not None
+                    self.backend.cancel(call, AttemptTimeoutError(call.timeout))
+            self._sweeper_wake = loop.create_future()
+            delay = heap[0][0] - now if heap else None
+            handle = (
+                loop.call_later(delay, _set_result, self._sweeper_wake)
+                if delay is not None
+                else None
+            )
+            await self._sweeper_wake
+            if handle is not None:
+                handle.cancel()
+
+
+def _set_result(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _block_size(batch_size: int) -> int:
+    return max(256, batch_size * 16)
+
+
+def _lazy_key(job: _Job) -> str:
+    job.key = _codec.digest(_codec.encode(job.item))
+    return job.key

@@ -1,0 +1,774 @@
+"""The journal: one SQLite file per run, written by one thread.
+
+Data flow::
+
+    engine (event loop) --ops--> queue --> writer thread --SQL--> journal.db
+           ^                                   |
+           +------ commit watermark, register results (call_soon_threadsafe)
+
+The engine never touches SQLite. It posts operations (register items,
+update an item's state, add a failed attempt) that return at once; the
+writer thread applies them inside one open transaction and commits the
+group every `COMMIT_INTERVAL` seconds or `COMMIT_OPS` operations, then
+tells the engine how many operations are durable. State updates of one
+item inside a group are merged, so an item that starts and finishes
+between two commits costs one row update. A crash loses at most the
+uncommitted group: at-least-once, never a false success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import filelock
+import psutil
+
+from batchtools import _codec
+from batchtools._exceptions import (
+    JournalError,
+    JournalLockedError,
+    JournalMismatchError,
+)
+from batchtools.journal import _schema as sql
+
+log = logging.getLogger("batchtools.journal")
+
+COMMIT_INTERVAL = 0.05
+COMMIT_OPS = 4000
+_NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "fuse.sshfs", "ceph",
+     "glusterfs", "lustre", "gpfs", "fuse.s3fs"}
+)
+
+
+@dataclass(slots=True)
+class RunRecord:
+    """The run row of a journal.
+
+    Attributes:
+        run_id: The run's id.
+        signature: What must match for a resume (task, template, options).
+        spec: How to run it again: the task, input and options as JSON data.
+        created: Creation time, seconds since the epoch.
+        updated: Last change of the run's state.
+        state: ``running``, ``interrupted`` or ``finished``.
+        session: How many sessions (run, resume, retry) have opened it.
+        input_complete: Whether a session read the whole input.
+    """
+
+    run_id: str
+    signature: str
+    spec: dict[str, Any]
+    created: float
+    updated: float
+    state: str
+    session: int
+    input_complete: bool
+
+
+@dataclass(slots=True)
+class ItemRow:
+    """An item as the journal stores it.
+
+    Attributes:
+        seq: The item's position in the input when first read.
+        key: The item's key.
+        state: Its state name.
+        attempts: Attempts made so far.
+        lost_workers: Worker processes it has killed so far.
+        value: The value as JSON text, if stored.
+        error: The last error as JSON text, if any.
+        reason: Why it was skipped or cancelled.
+        item: The item, decoded, where the query reads it.
+        new: Whether this session registered it for the first time.
+    """
+
+    seq: int
+    key: str
+    state: str
+    attempts: int = 0
+    lost_workers: int = 0
+    value: str | None = None
+    error: str | None = None
+    reason: str | None = None
+    item: Any = None
+    new: bool = True
+
+
+def check_path(path: Path) -> None:
+    """Reject journal paths that cannot be used safely.
+
+    Raises:
+        JournalError: The path is a symlink, or on a network filesystem,
+            where SQLite's WAL mode cannot share memory between processes.
+    """
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        info = None
+    if info is not None and stat.S_ISLNK(info.st_mode):
+        raise JournalError(
+            str(path), "it is a symbolic link; give the real file's path instead"
+        )
+    fstype = _filesystem_type(path.parent if info is None else path)
+    if fstype in _NETWORK_FILESYSTEMS:
+        raise JournalError(
+            str(path),
+            f"it is on a network filesystem ({fstype}), where SQLite's WAL mode "
+            "does not work; put the journal on a local disk",
+        )
+
+
+def _filesystem_type(path: Path) -> str:
+    resolved = str(path.resolve())
+    best, fstype = "", ""
+    for partition in psutil.disk_partitions(all=True):
+        mount = partition.mountpoint
+        inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) > len(best):
+            best, fstype = mount, partition.fstype
+    return fstype
+
+
+def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        uri = f"file:{path}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
+    else:
+        conn = sqlite3.connect(
+            path, isolation_level=None, timeout=5.0, check_same_thread=False
+        )
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def _translate(path: Path, error: sqlite3.Error, doing: str) -> JournalError:
+    text = str(error)
+    hint = ""
+    if "full" in text.lower():
+        hint = "; free disk space, then run 'batchtools resume' on it"
+    elif "not a database" in text or "malformed" in text:
+        hint = "; the file is damaged or not a journal"
+    return JournalError(str(path), f"{doing} failed: {text}{hint}")
+
+
+def read_run(path: str | os.PathLike[str]) -> RunRecord:
+    """Read a journal's run record without taking its writer lock.
+
+    Raises:
+        JournalError: The file is missing, damaged or not a journal.
+    """
+    journal_path = Path(path)
+    if not journal_path.is_file():
+        raise JournalError(str(journal_path), "no such journal file")
+    try:
+        conn = _connect(journal_path, readonly=True)
+    except sqlite3.Error as error:
+        raise _translate(journal_path, error, "opening") from error
+    try:
+        _check_identity(journal_path, conn)
+        row = conn.execute(sql.SELECT_RUN).fetchone()
+    except sqlite3.Error as error:
+        raise _translate(journal_path, error, "reading") from error
+    finally:
+        conn.close()
+    if row is None:
+        raise JournalError(str(journal_path), "it has no run record; it is damaged")
+    return RunRecord(
+        run_id=row[0],
+        signature=row[1],
+        spec=json.loads(row[2]),
+        created=row[3],
+        updated=row[4],
+        state=row[5],
+        session=row[6],
+        input_complete=bool(row[7]),
+    )
+
+
+def _check_identity(path: Path, conn: sqlite3.Connection) -> None:
+    application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if application_id != sql.APPLICATION_ID:
+        raise JournalError(
+            str(path), "it is an SQLite file but not a batchtools journal"
+        )
+    if version > sql.SCHEMA_VERSION:
+        raise JournalError(
+            str(path),
+            f"it has schema version {version}, newer than this batchtools "
+            f"supports ({sql.SCHEMA_VERSION}); upgrade batchtools to use it",
+        )
+
+
+def count_states(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Return how many items of the journal are in each state."""
+    journal_path = Path(path)
+    conn = _connect(journal_path, readonly=True)
+    try:
+        return dict(conn.execute(sql.COUNT_STATES).fetchall())
+    except sqlite3.Error as error:
+        raise _translate(journal_path, error, "reading") from error
+    finally:
+        conn.close()
+
+
+def iter_items(
+    path: str | os.PathLike[str], states: Sequence[str] | None = None, block: int = 500
+) -> Iterator[ItemRow]:
+    """Yield the journal's items in input order, optionally only in ``states``.
+
+    Reads in blocks through a read-only connection, so memory stays flat
+    and a live run's writer is not disturbed.
+    """
+    journal_path = Path(path)
+    conn = _connect(journal_path, readonly=True)
+    try:
+        last = -1
+        while True:
+            if states is None:
+                rows = conn.execute(sql.SELECT_ITEMS_FROM, (last, block)).fetchall()
+            else:
+                rows = conn.execute(
+                    sql.SELECT_ITEMS_IN_STATES, (last, json.dumps(list(states)), block)
+                ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield ItemRow(
+                    seq=row[0], key=row[1], item=_codec.decode(row[2]), state=row[3],
+                    attempts=row[4], lost_workers=row[5], value=row[6],
+                    error=row[7], reason=row[8], new=False,
+                )
+            last = rows[-1][0]
+    except sqlite3.Error as error:
+        raise _translate(journal_path, error, "reading") from error
+    finally:
+        conn.close()
+
+
+def item_history(
+    path: str | os.PathLike[str], key: str
+) -> tuple[ItemRow, list[tuple[int, float, float, str]]] | None:
+    """Return one item and its failed attempts, or ``None`` if the key is unknown."""
+    journal_path = Path(path)
+    conn = _connect(journal_path, readonly=True)
+    try:
+        row = conn.execute(sql.SELECT_ITEM_BY_KEY, (key,)).fetchone()
+        if row is None:
+            return None
+        attempts = conn.execute(sql.SELECT_ATTEMPTS, (row[0],)).fetchall()
+    finally:
+        conn.close()
+    item = ItemRow(
+        seq=row[0], key=row[1], item=_codec.decode(row[2]), state=row[3],
+        attempts=row[4], lost_workers=row[5], value=row[6], error=row[7],
+        reason=row[8], new=False,
+    )
+    return item, [tuple(a) for a in attempts]
+
+
+class _Flush:
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+
+
+class _Register:
+    __slots__ = ("callback", "rows")
+
+    def __init__(
+        self,
+        rows: list[tuple[int, str, str]],
+        callback: Callable[[list[ItemRow] | BaseException], None],
+    ) -> None:
+        self.rows = rows
+        self.callback = callback
+
+
+_CLOSE = object()
+
+
+class Journal:
+    """The writer side of one run's journal file.
+
+    Use `create` for a new run or `open_existing` to resume one; both take
+    the writer lock. Then `start` the writer thread on the engine's loop,
+    post operations, and `close` at the end.
+    """
+
+    def __init__(self, path: Path, run: RunRecord, lock: filelock.BaseFileLock) -> None:
+        self.path = path
+        self.run = run
+        self._lock = lock
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_commit: Callable[[int], None] | None = None
+        self._on_error: Callable[[JournalError], None] | None = None
+        self.submitted = 0
+        self.committed = 0
+        self.error: JournalError | None = None
+        self.session = run.session
+
+    # -- opening -------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, path: str | os.PathLike[str], *, run_id: str, signature: str,
+        spec: dict[str, Any],
+    ) -> Journal:
+        """Create a new journal file for a run and take its writer lock.
+
+        Raises:
+            JournalError: The file exists, or cannot be created.
+        """
+        journal_path = Path(path)
+        check_path(journal_path)
+        if journal_path.parent != Path() and not journal_path.parent.exists():
+            journal_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = _take_lock(journal_path)
+        try:
+            if journal_path.exists():
+                raise JournalError(
+                    str(journal_path),
+                    "it already exists; use 'batchtools resume' to continue that "
+                    "run, or choose another path",
+                )
+            fd = os.open(journal_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            os.close(fd)
+            now = time.time()
+            conn = _connect(journal_path)
+            try:
+                for pragma in sql.PRAGMAS:
+                    conn.execute(pragma)
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in sql.CREATE:
+                    conn.execute(statement)
+                conn.execute(
+                    sql.INSERT_RUN,
+                    (run_id, signature, json.dumps(spec), now, now),
+                )
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+        except sqlite3.Error as error:
+            lock.release()
+            raise _translate(journal_path, error, "creating") from error
+        except BaseException:
+            lock.release()
+            raise
+        run = RunRecord(run_id, signature, spec, now, now, "running", 0, False)
+        return cls(journal_path, run, lock)
+
+    @classmethod
+    def open_existing(
+        cls, path: str | os.PathLike[str], *, signature: str | None = None,
+        force: bool = False,
+    ) -> Journal:
+        """Open a journal to resume or retry its run, taking the writer lock.
+
+        Args:
+            path: The journal file.
+            signature: The signature of the run about to start; a journal
+                with a different one is rejected unless ``force``.
+            force: Accept a different signature.
+
+        Raises:
+            JournalLockedError: Another live process holds the journal.
+            JournalMismatchError: The journal belongs to a different run.
+            JournalError: The file is missing, damaged or not a journal.
+        """
+        journal_path = Path(path)
+        check_path(journal_path)
+        run = read_run(journal_path)
+        lock = _take_lock(journal_path)
+        if signature is not None and run.signature != signature and not force:
+            lock.release()
+            raise JournalMismatchError(
+                str(journal_path),
+                "it records a different run (another command, task or options); "
+                "use a new journal path, or pass --force to reuse it",
+            )
+        return cls(journal_path, run, lock)
+
+    # -- the writer thread ---------------------------------------------
+
+    def start(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_commit: Callable[[int], None] | None = None,
+        on_error: Callable[[JournalError], None] | None = None,
+    ) -> None:
+        """Start the writer thread and a new session of the run.
+
+        Raises:
+            JournalError: The journal cannot be written.
+        """
+        self._loop = loop
+        self._on_commit = on_commit
+        self._on_error = on_error
+        try:
+            conn = _connect(self.path)
+            for pragma in sql.PRAGMAS:
+                conn.execute(pragma)
+            conn.execute("BEGIN IMMEDIATE")
+            self.session = conn.execute(sql.START_SESSION, (time.time(),)).fetchone()[0]
+            conn.execute(
+                sql.INSERT_EVENT,
+                (time.time(), self.session, "session-start", json.dumps({"pid": os.getpid()})),
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error as error:
+            raise _translate(self.path, error, "starting a session") from error
+        self._thread = threading.Thread(
+            target=self._write_loop, args=(conn,), name="batchtools-journal", daemon=True
+        )
+        self._thread.start()
+
+    def register(
+        self,
+        rows: list[tuple[int, str, str]],
+        callback: Callable[[list[ItemRow] | BaseException], None],
+    ) -> None:
+        """Match items read from the input with the journal's rows.
+
+        Args:
+            rows: ``(seq, encoded item, digest)`` per item, in input order.
+            callback: Called on the loop with one `ItemRow` per item (new
+                items are inserted as pending), or with the error.
+        """
+        self._post(_Register(rows, callback))
+
+    def update(
+        self,
+        seq: int,
+        state: str,
+        *,
+        attempts: int | None = None,
+        lost_workers: int | None = None,
+        value: str | None = None,
+        error: str | None = None,
+        reason: str | None = None,
+        started: float | None = None,
+        ended: float | None = None,
+    ) -> int:
+        """Record an item's new state; return the operation's number."""
+        return self._post(
+            ("u", [seq, state, attempts, lost_workers, value, error, reason, started,
+                   ended])
+        )
+
+    def add_attempt(
+        self, seq: int, number: int, started: float, duration: float, error: str
+    ) -> int:
+        """Record a failed attempt; return the operation's number."""
+        return self._post(("a", [seq, number, started, duration, error]))
+
+    def event(self, kind: str, detail: dict[str, Any]) -> int:
+        """Record a run event (interruption, halt, end of input)."""
+        return self._post(("e", kind, json.dumps(detail)))
+
+    def mark_input_complete(self) -> int:
+        """Record that this session read the whole input."""
+        return self._post(("i",))
+
+    def set_state(self, state: str) -> int:
+        """Record the run's state: ``running``, ``interrupted`` or ``finished``."""
+        return self._post(("r", state))
+
+    def flush(self, callback: Callable[[], None]) -> None:
+        """Commit what was posted so far; call ``callback`` on the loop after."""
+        self._post(_Flush(callback))
+
+    async def aflush(self) -> None:
+        """Commit what was posted so far and wait for it."""
+        assert self._loop is not None
+        done = self._loop.create_future()
+        self.flush(lambda: done.done() or done.set_result(None))
+        await done
+
+    def close(self) -> None:
+        """Commit, stop the writer thread and release the lock."""
+        if self._thread is not None:
+            self._queue.put(_CLOSE)
+            self._thread.join()
+            self._thread = None
+        if self._lock.is_locked:
+            self._lock.release()
+        _remove_pid_file(self.path)
+
+    def _post(self, op: Any) -> int:
+        self.submitted += 1
+        self._queue.put(op)
+        return self.submitted
+
+    def _call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
+        if self._loop is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass  # The loop has closed: nobody waits for this any more.
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        writer = _GroupWriter(conn, self.session)
+        applied = 0
+        flushes: list[Callable[[], None]] = []
+        closing = False
+        while not closing:
+            timeout = writer.time_left()
+            try:
+                op = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                op = None
+            ops = [] if op is None else [op]
+            while len(ops) < COMMIT_OPS:
+                try:
+                    ops.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                for op in ops:
+                    if op is _CLOSE:
+                        closing = True
+                    elif isinstance(op, _Flush):
+                        flushes.append(op.callback)
+                    elif isinstance(op, _Register):
+                        self._call_soon(op.callback, writer.register(op.rows))
+                    else:
+                        writer.apply(op)
+                        applied += 1
+                if closing or flushes or writer.due():
+                    writer.commit()
+                    self.committed = applied
+                    if self._on_commit is not None:
+                        self._call_soon(self._on_commit, applied)
+                    for callback in flushes:
+                        self._call_soon(callback)
+                    flushes.clear()
+            except sqlite3.Error as error:
+                self._fail(_translate(self.path, error, "writing"), conn, flushes)
+                return
+        conn.close()
+
+    def _fail(
+        self,
+        error: JournalError,
+        conn: sqlite3.Connection,
+        flushes: list[Callable[[], None]],
+    ) -> None:
+        log.error("%s", error)
+        self.error = error
+        try:
+            conn.rollback()
+            conn.close()
+        except sqlite3.Error:
+            pass
+        if self._on_error is not None:
+            self._call_soon(self._on_error, error)
+        for callback in flushes:
+            self._call_soon(callback)
+        # Answer what is still queued, so that nobody waits forever.
+        while True:
+            op = self._queue.get()
+            if op is _CLOSE:
+                return
+            if isinstance(op, _Flush):
+                self._call_soon(op.callback)
+            elif isinstance(op, _Register):
+                self._call_soon(op.callback, error)
+
+
+class _GroupWriter:
+    """Applies operations inside one open transaction; runs on the writer thread."""
+
+    def __init__(self, conn: sqlite3.Connection, session: int) -> None:
+        self.conn = conn
+        self.session = session
+        self.updates: dict[int, list[Any]] = {}
+        self.attempts: list[list[Any]] = []
+        self.opened: float | None = None
+        self.pending_ops = 0
+
+    def time_left(self) -> float | None:
+        if self.opened is None:
+            return None
+        return max(0.0, self.opened + COMMIT_INTERVAL - time.monotonic())
+
+    def due(self) -> bool:
+        if self.opened is None:
+            return False
+        return (
+            self.pending_ops >= COMMIT_OPS
+            or time.monotonic() - self.opened >= COMMIT_INTERVAL
+        )
+
+    def _begin(self) -> None:
+        if self.opened is None:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.opened = time.monotonic()
+
+    def apply(self, op: Any) -> None:
+        self._begin()
+        self.pending_ops += 1
+        kind = op[0]
+        if kind == "u":
+            row = op[1]
+            earlier = self.updates.get(row[0])
+            if earlier is not None:
+                # Merge: keep earlier facts the later update leaves unset.
+                row = [new if new is not None else old for new, old in zip(row, earlier, strict=True)]
+                if row[1] == "succeeded":
+                    row[5] = None
+            self.updates[row[0]] = row
+        elif kind == "a":
+            self.attempts.append(op[1])
+        elif kind == "e":
+            self.conn.execute(sql.INSERT_EVENT, (time.time(), self.session, op[1], op[2]))
+        elif kind == "i":
+            self.conn.execute(sql.SET_INPUT_COMPLETE)
+        elif kind == "r":
+            self.conn.execute(sql.SET_RUN_STATE, (op[1], time.time()))
+
+    def commit(self) -> None:
+        if self.opened is None:
+            return
+        if self.updates:
+            self.conn.execute(sql.UPDATE_ITEMS, (json.dumps(list(self.updates.values())),))
+            self.updates.clear()
+        if self.attempts:
+            self.conn.execute(sql.INSERT_ATTEMPTS, (json.dumps(self.attempts),))
+            self.attempts.clear()
+        self.conn.execute("COMMIT")
+        self.opened = None
+        self.pending_ops = 0
+
+    def register(self, rows: list[tuple[int, str, str]]) -> list[ItemRow] | BaseException:
+        try:
+            return self._register(rows)
+        except sqlite3.Error:
+            raise
+        except Exception as error:  # noqa: BLE001 - handed to the engine
+            return error
+
+    def _register(self, rows: list[tuple[int, str, str]]) -> list[ItemRow]:
+        self._begin()
+        # Pending updates may concern rows this lookup reads; write them first.
+        if self.updates:
+            self.conn.execute(sql.UPDATE_ITEMS, (json.dumps(list(self.updates.values())),))
+            self.updates.clear()
+        session = self.session
+        stored = self.conn.execute(
+            sql.MATCH_BY_SEQ, (json.dumps([[seq, digest] for seq, _, digest in rows]),)
+        ).fetchall()
+        result: list[ItemRow | None] = [None] * len(rows)
+        claimed: list[int] = []
+        fresh: list[int] = []
+        moved: list[int] = []
+        for index, ((seq, _, digest), match) in enumerate(zip(rows, stored, strict=True)):
+            if match[1] is None:
+                fresh.append(index)
+            elif match[1] == digest and match[9] != session:
+                claimed.append(seq)
+                result[index] = ItemRow(
+                    seq=seq, key=match[2], state=match[3], attempts=match[4],
+                    lost_workers=match[5], value=match[6], error=match[7],
+                    reason=match[8], new=False,
+                )
+            else:
+                moved.append(index)
+        if claimed:
+            self.conn.execute(sql.CLAIM_SEQS, (session, json.dumps(claimed)))
+        if fresh:
+            self._insert_fresh(rows, fresh, result)
+        for index in moved:
+            result[index] = self._match_moved(rows[index])
+        return [row for row in result if row is not None]
+
+    def _insert_fresh(
+        self, rows: list[tuple[int, str, str]], fresh: list[int],
+        result: list[ItemRow | None],
+    ) -> None:
+        session = self.session
+        payload = [[rows[i][0], rows[i][2], rows[i][2], rows[i][1], session] for i in fresh]
+        self.conn.execute(sql.INSERT_NEW_ITEMS, (json.dumps(payload),))
+        missing = {
+            seq for (seq,) in self.conn.execute(
+                sql.MISSING_SEQS, (json.dumps([rows[i][0] for i in fresh]),)
+            )
+        }
+        for i in fresh:
+            seq, text, digest = rows[i]
+            if seq in missing:
+                result[i] = self._insert_duplicate(seq, text, digest)
+            else:
+                result[i] = ItemRow(seq=seq, key=digest, state="pending")
+
+    def _insert_duplicate(self, seq: int, text: str, digest: str) -> ItemRow:
+        if self.conn.execute(sql.SEQ_EXISTS, (seq,)).fetchone() is not None:
+            # The input changed order, so this position belongs to another
+            # item already: give this one the next free position.
+            (last,) = self.conn.execute(sql.MAX_SEQ).fetchone()
+            seq = last + 1
+        (count,) = self.conn.execute(sql.COUNT_DIGEST, (digest,)).fetchone()
+        key = _codec.item_key(text, count) if count else digest
+        self.conn.execute(sql.INSERT_ITEM, (seq, key, digest, text, self.session))
+        return ItemRow(seq=seq, key=key, state="pending")
+
+    def _match_moved(self, row: tuple[int, str, str]) -> ItemRow:
+        seq, text, digest = row
+        found = self.conn.execute(sql.FIND_UNCLAIMED, (digest, self.session)).fetchone()
+        if found is None:
+            return self._insert_duplicate(seq, text, digest)
+        self.conn.execute(sql.CLAIM_SEQ, (self.session, found[0]))
+        return ItemRow(
+            seq=found[0], key=found[1], state=found[2], attempts=found[3],
+            lost_workers=found[4], value=found[5], error=found[6], reason=found[7],
+            new=False,
+        )
+
+
+def _pid_file(path: Path) -> Path:
+    return path.with_name(path.name + ".pid")
+
+
+def _remove_pid_file(path: Path) -> None:
+    try:
+        _pid_file(path).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _take_lock(path: Path) -> filelock.BaseFileLock:
+    """Take the journal's writer lock; the holder's pid goes to a sidecar file."""
+    lock = filelock.FileLock(str(path) + ".lock", timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        holder: int | None
+        try:
+            holder = int(_pid_file(path).read_text().strip())
+        except (OSError, ValueError):
+            holder = None
+        raise JournalLockedError(str(path), holder) from None
+    except OSError as error:
+        raise JournalError(str(path), f"cannot create its lock file: {error}") from error
+    try:
+        _pid_file(path).write_text(f"{os.getpid()}\n")
+    except OSError:
+        pass  # The pid only improves the message of a second run.
+    return lock

@@ -1,0 +1,177 @@
+"""The journal's SQL: schema, pragmas and statements, as named constants.
+
+A journal file holds exactly one run. Items are rows keyed by ``seq``
+(their position in the input when first read); ``key`` is the content key.
+Attempts that failed get a row each; the last attempt of an item lives in
+its ``items`` row. ``claimed`` is the session that last read the item from
+the input, so that a resume can tell items it has matched from those it
+has not.
+"""
+
+from __future__ import annotations
+
+APPLICATION_ID = 0x62746368  # "btch": marks the file as a batchtools journal
+SCHEMA_VERSION = 1
+
+# WAL lets `status` read while the run writes. synchronous=FULL fsyncs the
+# WAL at every commit, so a committed outcome survives power loss; commits
+# are grouped, so the fsync cost is paid per group, not per item.
+PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=FULL",
+    "PRAGMA journal_size_limit=67108864",
+    "PRAGMA foreign_keys=OFF",
+)
+
+CREATE = (
+    f"PRAGMA application_id={APPLICATION_ID}",
+    f"PRAGMA user_version={SCHEMA_VERSION}",
+    """CREATE TABLE run (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        run_id TEXT NOT NULL,
+        signature TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        created REAL NOT NULL,
+        updated REAL NOT NULL,
+        state TEXT NOT NULL,
+        session INTEGER NOT NULL DEFAULT 0,
+        input_complete INTEGER NOT NULL DEFAULT 0
+    )""",
+    """CREATE TABLE items (
+        seq INTEGER PRIMARY KEY,
+        key TEXT NOT NULL UNIQUE,
+        digest TEXT NOT NULL,
+        item TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        lost_workers INTEGER NOT NULL DEFAULT 0,
+        value TEXT,
+        error TEXT,
+        reason TEXT,
+        started REAL,
+        ended REAL,
+        claimed INTEGER NOT NULL DEFAULT 0
+    )""",
+    "CREATE INDEX items_digest ON items (digest)",
+    "CREATE INDEX items_state ON items (state)",
+    """CREATE TABLE attempts (
+        seq INTEGER NOT NULL,
+        number INTEGER NOT NULL,
+        started REAL NOT NULL,
+        duration REAL NOT NULL,
+        error TEXT NOT NULL,
+        PRIMARY KEY (seq, number)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        time REAL NOT NULL,
+        session INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        detail TEXT NOT NULL
+    )""",
+)
+
+INSERT_RUN = """
+    INSERT INTO run (id, run_id, signature, spec, created, updated, state)
+    VALUES (1, ?, ?, ?, ?, ?, 'running')
+"""
+SELECT_RUN = """
+    SELECT run_id, signature, spec, created, updated, state, session,
+           input_complete
+    FROM run WHERE id = 1
+"""
+START_SESSION = """
+    UPDATE run SET session = session + 1, state = 'running', updated = ?
+    WHERE id = 1 RETURNING session
+"""
+SET_RUN_STATE = "UPDATE run SET state = ?, updated = ? WHERE id = 1"
+SET_INPUT_COMPLETE = "UPDATE run SET input_complete = 1 WHERE id = 1"
+INSERT_EVENT = """
+    INSERT INTO events (time, session, kind, detail) VALUES (?, ?, ?, ?)
+"""
+
+# One statement per group: json_each unpacks a JSON array of rows in C, so
+# the sqlite3 module does not release and retake the GIL once per row.
+# Each row is [seq, key, digest, item, session].
+INSERT_NEW_ITEMS = """
+    INSERT OR IGNORE INTO items (seq, key, digest, item, state, claimed)
+    SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3,
+           'pending', j.value ->> 4
+    FROM json_each(?) AS j
+"""
+# Which of the given seqs have no row (their insert was ignored because
+# another item already has the key: a duplicate).
+MISSING_SEQS = """
+    SELECT j.value FROM json_each(?) AS j
+    WHERE NOT EXISTS (SELECT 1 FROM items WHERE items.seq = j.value)
+"""
+COUNT_DIGEST = "SELECT count(*) FROM items WHERE digest = ?"
+INSERT_ITEM = """
+    INSERT INTO items (seq, key, digest, item, state, claimed)
+    VALUES (?, ?, ?, ?, 'pending', ?)
+"""
+# Each row is [seq, digest]: the stored row at that seq, if any.
+MATCH_BY_SEQ = """
+    SELECT j.value ->> 0, items.digest, items.key, items.state, items.attempts,
+           items.lost_workers, items.value, items.error, items.reason,
+           items.claimed
+    FROM json_each(?) AS j LEFT JOIN items ON items.seq = j.value ->> 0
+"""
+CLAIM_SEQS = """
+    UPDATE items SET claimed = ? WHERE seq IN (SELECT value FROM json_each(?))
+"""
+FIND_UNCLAIMED = """
+    SELECT seq, key, state, attempts, lost_workers, value, error, reason
+    FROM items WHERE digest = ? AND claimed != ? ORDER BY seq LIMIT 1
+"""
+CLAIM_SEQ = "UPDATE items SET claimed = ? WHERE seq = ?"
+MAX_SEQ = "SELECT coalesce(max(seq), -1) FROM items"
+SEQ_EXISTS = "SELECT 1 FROM items WHERE seq = ?"
+
+# Each row is [seq, state, attempts, lost_workers, value, error, reason,
+# started, ended]; null leaves a column as it is.
+UPDATE_ITEMS = """
+    UPDATE items SET
+        state = j.value ->> 1,
+        attempts = coalesce(j.value ->> 2, attempts),
+        lost_workers = coalesce(j.value ->> 3, lost_workers),
+        value = CASE WHEN j.value ->> 1 = 'succeeded' THEN j.value ->> 4
+                     ELSE items.value END,
+        error = CASE WHEN j.value ->> 1 IN ('failed', 'pending', 'retrying')
+                     THEN coalesce(j.value ->> 5, error) ELSE NULL END,
+        reason = j.value ->> 6,
+        started = coalesce(j.value ->> 7, started),
+        ended = coalesce(j.value ->> 8, ended)
+    FROM json_each(?) AS j
+    WHERE items.seq = j.value ->> 0
+"""
+INSERT_ATTEMPTS = """
+    INSERT OR REPLACE INTO attempts (seq, number, started, duration, error)
+    SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3,
+           j.value ->> 4
+    FROM json_each(?) AS j
+"""
+
+COUNT_STATES = "SELECT state, count(*) FROM items GROUP BY state"
+SELECT_ITEMS_IN_STATES = """
+    SELECT seq, key, item, state, attempts, lost_workers, value, error, reason
+    FROM items WHERE seq > ? AND state IN (SELECT value FROM json_each(?))
+    ORDER BY seq LIMIT ?
+"""
+SELECT_ITEMS_FROM = """
+    SELECT seq, key, item, state, attempts, lost_workers, value, error, reason
+    FROM items WHERE seq > ? ORDER BY seq LIMIT ?
+"""
+SELECT_ITEM_BY_KEY = """
+    SELECT seq, key, item, state, attempts, lost_workers, value, error, reason,
+           started, ended
+    FROM items WHERE key = ?
+"""
+SELECT_ATTEMPTS = """
+    SELECT number, started, duration, error FROM attempts WHERE seq = ?
+    ORDER BY number
+"""
+RESET_STATES = """
+    UPDATE items SET state = 'pending'
+    WHERE state IN (SELECT value FROM json_each(?))
+"""

@@ -1,0 +1,1 @@
+"""Subscribers to engine events: progress and the end-of-run summary."""
