@@ -101,9 +101,10 @@ class Call:
         timeout: The attempt's timeout in seconds, enforced by the engine.
         cancel_error: Set by `Backend.cancel`; the error `execute` raises.
         handle: Backend-private state for the running attempt.
+        owner: The engine's worker task that awaits this attempt.
     """
 
-    __slots__ = ("_context", "cancel_error", "handle", "payload", "timeout")
+    __slots__ = ("_context", "cancel_error", "handle", "owner", "payload", "timeout")
 
     def __init__(
         self,
@@ -116,6 +117,7 @@ class Call:
         self.timeout = timeout
         self.cancel_error: BaseException | None = None
         self.handle: Any = None
+        self.owner: asyncio.Task[Any] | None = None
 
     @property
     def context(self) -> Context:

@@ -2,10 +2,10 @@
 
 A template is parsed once and rendered once per attempt into an argv of
 bytes. Replacement strings are substituted inside each argument, so a
-value stays one argument whatever it contains (spaces, newlines, quotes,
-``$(...)``, globs, a leading ``-``, bytes that are not UTF-8); no shell
-sees it unless the template asks for one with ``shell=True``, and then
-every value is quoted for ``/bin/sh``.
+value stays one argument whatever it contains: spaces, newlines, quotes,
+``$(...)``, globs, a leading ``-`` or bytes that are not UTF-8. No shell
+parses the value unless the template asks for one with ``shell=True``,
+and then every value is quoted for ``/bin/sh``.
 
 Replacement strings (compared with GNU parallel 20221122):
 
@@ -73,8 +73,8 @@ from batchtools._exceptions import TemplateError
 # Transforms are listed longest first so that "{//}" is not read as "{/}".
 _REPLACEMENT = re.compile(rb"\{(?:([#%])|(-?[0-9]+)?(//|/\.|/|\.)?)\}")
 
-# Bytes that /bin/sh treats as ending a word; a replacement string between
-# two of them (or the ends of the script) is a whole word.
+# Bytes that end a word for /bin/sh. A replacement string between two of
+# them, or at an end of the script, is a whole word.
 _SHELL_WORD_BREAKS = frozenset(b" \t\n;&|()<>")
 
 # Values made only of these bytes need no quoting. "=" is left out because a
@@ -96,7 +96,7 @@ class _Field:
     """One replacement string found in the template."""
 
     kind: _Kind
-    position: int  # 1-based, negative from the end; 0 when kind is not POSITION
+    position: int  # from 1, or negative to count from the end; 0 for other kinds
     transform: bytes  # b"", b".", b"/", b"//" or b"/."
     text: str  # as written, for error messages
     whole_word: bool = False  # only tracked for shell scripts
@@ -129,7 +129,7 @@ class CommandTemplate:
     def __init__(
         self, source: str, words: list[bytes], *, shell: bool, script: bytes
     ) -> None:
-        # Use `parse`; this constructor trusts its arguments.
+        # Only `parse` calls this, after validating the arguments.
         self.source = source
         self.shell = shell
         self._literal_argv = words
@@ -176,7 +176,7 @@ class CommandTemplate:
                 except ValueError as error:
                     raise TemplateError(
                         f"command template {source!r} cannot be split into "
-                        f"arguments: {error}; close the quote or escape it"
+                        f"arguments ({error}), so close the quote or escape it"
                     ) from None
                 words = [_encode_template_word(word, source) for word in split]
         else:
@@ -187,14 +187,14 @@ class CommandTemplate:
             script = b" ".join(words)
             if not script.strip():
                 raise TemplateError(
-                    f"command template {source!r} is an empty script; "
-                    "give the commands to run"
+                    f"command template {source!r} is an empty script, but it "
+                    "must contain the commands to run"
                 )
             return cls(source, [], shell=True, script=script)
 
         if not words:
             raise TemplateError(
-                f"command template {source!r} is empty; give a program to run"
+                f"command template {source!r} is empty, but it must name a program"
             )
         if not words[0]:
             raise TemplateError(
@@ -358,9 +358,9 @@ def quote_for_shell(value: bytes) -> bytes:
     """Quote ``value`` as one ``/bin/sh`` word, byte for byte.
 
     Values made only of letters, digits and ``_@%+:,./-`` are returned as
-    they are; anything else is put in single quotes, each ``'`` written as
-    ``'\\''``. Single quotes keep every other byte literal, newlines and
-    bytes that are not UTF-8 included.
+    they are. Anything else is put in single quotes, with each ``'`` written
+    as ``'\\''``, and single quotes keep every other byte literal, newlines
+    and bytes that are not UTF-8 included.
     """
     if _SHELL_SAFE.fullmatch(value):
         return value

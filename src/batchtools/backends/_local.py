@@ -28,27 +28,24 @@ class AsyncBackend(Backend):
         self._task = task
 
     async def execute(self, call: Call) -> Any:
-        current = asyncio.current_task()
-        call.handle = current
         function = self._task.function
         try:
             if self._task.wants_context:
                 return await function(call.payload, context=call.context)
             return await function(call.payload)
         except asyncio.CancelledError:
-            if call.cancel_error is None or current is None:
+            owner = call.owner
+            if call.cancel_error is None or owner is None:
                 raise
-            current.uncancel()
+            owner.uncancel()
             raise call.cancel_error from None
-        finally:
-            call.handle = None
 
     def cancel(self, call: Call, error: BaseException) -> None:
+        # The attempt runs inside the engine's worker task, so cancelling
+        # that task interrupts the coroutine where it waits.
         call.cancel_error = error
-        if call.context.cancelled is not None:
-            call.context.cancelled.set()
-        if isinstance(call.handle, asyncio.Task):
-            call.handle.cancel()
+        if call.owner is not None:
+            call.owner.cancel()
 
     async def aclose(self, *, cancel: bool) -> None:
         return None
@@ -62,9 +59,12 @@ class ThreadBackend(Backend):
 
     name = "thread"
 
-    def __init__(self, task: TaskSpec, concurrency: int) -> None:
+    def __init__(
+        self, task: TaskSpec, concurrency: int, *, timeout: float | None = None
+    ) -> None:
         super().__init__(concurrency)
         self._task = task
+        self.timeout = timeout
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._done: collections.deque[tuple[asyncio.Future[Any], bool, Any]] = (
             collections.deque()
@@ -74,6 +74,15 @@ class ThreadBackend(Backend):
         self._threads: list[threading.Thread] = []
         self._abandoned: set[Call] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_error: BaseException | None = None
+
+    @property
+    def capacity(self) -> int:
+        # Attempts queued ahead keep the threads busy between wakeups of the
+        # event loop; the threads themselves still bound what executes. An
+        # attempt's timeout runs from hand-over, so with a timeout nothing
+        # is queued ahead.
+        return self.concurrency * (1 if self.timeout else 4)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -88,7 +97,8 @@ class ThreadBackend(Backend):
         assert self._loop is not None, "start() must be called before execute()"
         future: asyncio.Future[Any] = self._loop.create_future()
         call.handle = future
-        call.context.cancelled = threading.Event()
+        if self._task.wants_context:
+            call.context.cancelled = threading.Event()
         self._inbox.put((call, future))
         try:
             return await future
@@ -101,13 +111,16 @@ class ThreadBackend(Backend):
 
     def cancel(self, call: Call, error: BaseException) -> None:
         call.cancel_error = error
-        if call.context.cancelled is not None:
+        if self._task.wants_context and call.context.cancelled is not None:
             call.context.cancelled.set()
         future = call.handle
         if isinstance(future, asyncio.Future) and not future.done():
             with self._lock:
                 self._abandoned.add(call)
             future.set_exception(error)
+
+    def stop_queued(self, error: BaseException) -> None:
+        self._stop_error = error
 
     async def aclose(self, *, cancel: bool) -> None:
         for _ in self._threads:
@@ -135,6 +148,9 @@ class ThreadBackend(Backend):
                 return
             call, future = entry
             if call.cancel_error is not None:
+                continue
+            if self._stop_error is not None:
+                self._deliver(call, future, False, self._stop_error)
                 continue
             try:
                 if wants_context:

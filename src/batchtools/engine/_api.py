@@ -113,7 +113,7 @@ def prepare(
         collect=collect,
         key=key,
     )
-    made = _make_backend(task, chosen, width, batch, shell, env)
+    made = _make_backend(task, chosen, width, batch, shell, env, settings.timeout)
     description = {
         "task": name,
         "backend": chosen,
@@ -190,7 +190,7 @@ def _command_text(task: Any) -> str:
 
 def _make_backend(
     task: Any, name: str, width: int, batch: int, shell: bool,
-    env: Mapping[str, str] | None,
+    env: Mapping[str, str] | None, timeout: float | None,
 ) -> Backend:
     if name == "subprocess":
         from batchtools.backends._command import CommandTemplate
@@ -205,7 +205,7 @@ def _make_backend(
     if name == "async":
         return AsyncBackend(spec, width)
     if name == "thread":
-        return ThreadBackend(spec, width)
+        return ThreadBackend(spec, width, timeout=timeout)
     from batchtools.backends._process import ProcessBackend, check_picklable
 
     check_picklable(spec)

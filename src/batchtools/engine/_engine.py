@@ -57,7 +57,10 @@ log = logging.getLogger("batchtools.engine")
 retry_log = logging.getLogger("batchtools.retry")
 
 VALUE_LIMIT = 64 * 1024
+# Enum members hash in Python code; their ids hash in C.
+_COUNT_NAMES = {id(state): state.value for state in State}
 _PARKED_LIMIT = 4096
+_JOURNAL_LAG = 50_000
 
 
 class Observer(Protocol):
@@ -130,6 +133,7 @@ class _Job:
     first_started: float | None = None
     attempts: list[Attempt] | None = None
     members: list[_Job] | None = None
+    running_recorded: int = 0
 
 
 def store_json(value: Any) -> str | None:
@@ -212,8 +216,9 @@ class Engine:
         self._parked = 0
         self._index = itertools.count()
         self._refill: asyncio.Future[None] | None = None
+        self._fill_task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Future[None] | None = None
-        self._active: set[Call] = set()
+        self._active: dict[Call, _Job] = {}
         self._stopping: str | None = None
         self._cancelling = False
         self._aborted: BaseException | None = None
@@ -231,6 +236,12 @@ class Engine:
         self.read_count = 0
         self.input_total: int | None = None
         self.retrying = 0
+        # Sources that must be awaited, and journal registration, are read a
+        # block ahead; an in-memory source without a journal is read inline.
+        self._prefetch = not (
+            self._feed.never_blocks and journal is None and journal_rows is None
+        )
+        self._low_water = max(backend.capacity, _block_size(settings.batch_size) // 2)
 
     # -- public control --------------------------------------------------
 
@@ -354,11 +365,12 @@ class Engine:
     # -- taking jobs -----------------------------------------------------
 
     async def _work(self) -> None:
+        owner = asyncio.current_task()
         while True:
             job = await self._next_job()
             if job is None:
                 return
-            await self._attempt(job)
+            await self._attempt(job, owner)
 
     async def _next_job(self) -> _Job | None:
         while True:
@@ -367,6 +379,15 @@ class Engine:
             if self._stopping is not None:
                 return None
             if self._ready and not self._window_full():
+                if (
+                    self._prefetch
+                    and len(self._ready) < self._low_water
+                    and self._refill is None
+                    and not self._feed.exhausted
+                ):
+                    # Read and register the next block while this one runs,
+                    # so the journal's round trip is hidden.
+                    self._start_fill()
                 return self._ready.popleft()
             if self._ready:
                 await self._wait()
@@ -378,13 +399,21 @@ class Engine:
                 await self._wait()
             elif self._parked >= _PARKED_LIMIT or self._window_full():
                 await self._wait()
-            elif self._refill is not None:
-                await asyncio.shield(self._refill)
+            elif self._fill_now():
+                continue
             else:
-                await self._fill()
+                if self._refill is None:
+                    self._start_fill()
+                assert self._refill is not None
+                await asyncio.shield(self._refill)
 
     def _window_full(self) -> bool:
         if self._backlog is not None and self._backlog() >= self._backlog_limit:
+            return True
+        journal = self.journal
+        if journal is not None and journal.submitted - journal.committed > _JOURNAL_LAG:
+            # The writer is behind: let it catch up before more items start,
+            # so its queue stays bounded.
             return True
         if not self.settings.ordered or not self._ready:
             return False
@@ -400,9 +429,21 @@ class Engine:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
-    async def _fill(self) -> None:
+    def _fill_now(self) -> bool:
+        """Read the next block at once, where no await is needed."""
+        if self._prefetch or self._refill is not None:
+            return False
+        block = self._feed.read_now(_block_size(self.settings.batch_size))
+        self.read_count += len(block)
+        self._queue_jobs([self._job(item) for item in block])
+        return True
+
+    def _start_fill(self) -> None:
         loop = asyncio.get_running_loop()
         self._refill = refill = loop.create_future()
+        self._fill_task = loop.create_task(self._fill(refill))
+
+    async def _fill(self, refill: asyncio.Future[None]) -> None:
         try:
             block = await self._feed.read(_block_size(self.settings.batch_size))
             if self._journal_rows is not None:
@@ -448,8 +489,8 @@ class Engine:
         return job
 
     async def _register(self, block: list[Any]) -> list[_Job]:
-        assert self.journal is not None
-        loop = asyncio.get_running_loop()
+        journal = self.journal
+        assert journal is not None
         rows = []
         jobs = []
         key_function = self.settings.key
@@ -458,25 +499,32 @@ class Engine:
             text = _codec.encode(item)
             digest = str(key_function(item)) if key_function else _codec.digest(text)
             rows.append((index, text, digest))
-            jobs.append(_Job(index, index, None, item))
-        answer: asyncio.Future[list[ItemRow] | BaseException] = loop.create_future()
-        self.journal.register(
-            rows, lambda result: answer.done() or answer.set_result(result)
+            jobs.append(_Job(index, index, digest, item))
+        keys = journal.register_new(rows)
+        slow = [i for i, key in enumerate(keys) if key is None]
+        if not slow:
+            return jobs
+        answer: asyncio.Future[list[ItemRow] | BaseException] = (
+            asyncio.get_running_loop().create_future()
+        )
+        journal.register(
+            [rows[i] for i in slow],
+            lambda result: answer.done() or answer.set_result(result),
         )
         registered = await answer
         if isinstance(registered, BaseException):
             raise registered
-        runnable = []
-        for job, row in zip(jobs, registered, strict=True):
+        done: set[int] = set()
+        for i, row in zip(slow, registered, strict=True):
+            job = jobs[i]
             job.seq = row.seq
             job.key = row.key
             job.attempt = row.attempts
             job.lost_workers = row.lost_workers
-            if row.state in self._rerun_states:
-                runnable.append(job)
-            else:
+            if row.state not in self._rerun_states:
+                done.add(i)
                 self._finish_from_journal(job, row)
-        return runnable
+        return [job for i, job in enumerate(jobs) if i not in done]
 
     def _finish_from_journal(self, job: _Job, row: ItemRow) -> None:
         state = State(row.state)
@@ -495,40 +543,51 @@ class Engine:
         key = job.key if job.key is not None else _lazy_key(job)
         return Context(self.run_id, key, job.attempt, job.seq, f"{self.run_id}:{key}")
 
-    async def _attempt(self, job: _Job) -> None:
+    async def _attempt(self, job: _Job, owner: asyncio.Task[Any] | None) -> None:
         job.attempt += 1
         started = time.time()
         if job.first_started is None:
             job.first_started = started
         call = Call(job.item, lambda: self._context(job), self.settings.timeout)
-        self._active.add(call)
-        if self.journal is not None:
-            self._journal_running(job, started)
+        call.owner = owner
+        self._active[call] = job
         if call.timeout is not None:
             self._add_deadline(call)
         began = time.perf_counter()
         try:
             value = await self.backend.execute(call)
         except asyncio.CancelledError:
-            self._active.discard(call)
+            del self._active[call]
             raise
         except BaseException as error:  # noqa: BLE001 - every failure is data
-            self._active.discard(call)
+            del self._active[call]
             self._failed(job, error, started, time.perf_counter() - began)
             return
-        self._active.discard(call)
+        del self._active[call]
         duration = time.perf_counter() - began
         if job.members is None:
             self._succeeded(job, value, started, duration)
         else:
             self._batch_succeeded(job, value, started, duration)
 
-    def _journal_running(self, job: _Job, started: float) -> None:
-        assert self.journal is not None
-        for member in job.members or (job,):
-            self.journal.update(
-                member.seq, "running", attempts=job.attempt, started=started
-            )
+    def _journal_running(self) -> None:
+        """Record as running the attempts in flight that are not recorded yet.
+
+        Called after each commit rather than at every start: an attempt that
+        ends within one commit interval goes straight from pending to its
+        outcome in the journal, and costs one row write instead of two.
+        """
+        journal = self.journal
+        assert journal is not None
+        for call, job in self._active.items():
+            if job.running_recorded == job.attempt:
+                continue
+            for member in job.members or (job,):
+                journal.update(
+                    member.seq, "running", attempts=job.attempt,
+                    started=job.first_started,
+                )
+            job.running_recorded = job.attempt
 
     def _succeeded(self, job: _Job, value: Any, started: float, duration: float) -> None:
         attempts = job.attempts
@@ -677,8 +736,9 @@ class Engine:
 
     def _emit(self, index: int, outcome: Outcome, op: int | None) -> None:
         report = self.report
-        report.counts[outcome.state.value] += 1
-        if outcome.state is State.FAILED:
+        state = outcome.state
+        report.counts[_COUNT_NAMES[id(state)]] += 1
+        if state is State.FAILED:
             report.failures.add(outcome.key, outcome.error)
             self._check_halt()
         if self.settings.collect:
@@ -717,6 +777,8 @@ class Engine:
         self._wake_all()
 
     def _on_commit(self, committed: int) -> None:
+        if self._active and self.journal is not None:
+            self._journal_running()
         waiting = self._waiting_commit
         while waiting and waiting[0][0] <= committed:
             _, outcome = waiting.popleft()
@@ -724,6 +786,8 @@ class Engine:
                 self._output(outcome)
         if self.settings.ordered:
             self._drain_reorder()
+        else:
+            self._wake_all()
 
     def _check_halt(self) -> None:
         halt = self.settings.halt

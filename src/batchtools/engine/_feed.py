@@ -43,6 +43,21 @@ class Feed:
         else:
             self._thread_reader = _ThreadReader(iter(source))
 
+    @property
+    def never_blocks(self) -> bool:
+        """Whether `read_now` can serve every read: an in-memory source."""
+        return self._sync is not None
+
+    def read_now(self, limit: int = BLOCK) -> list[Any]:
+        """Return up to ``limit`` items of an in-memory source at once."""
+        assert self._sync is not None, "read_now() needs an in-memory source"
+        if self.exhausted:
+            return []
+        block = list(itertools.islice(self._sync, limit))
+        if not block:
+            self.exhausted = True
+        return block
+
     async def read(self, limit: int = BLOCK) -> list[Any]:
         """Return up to ``limit`` items, at least one unless the source is done.
 

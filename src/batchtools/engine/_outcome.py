@@ -7,7 +7,7 @@ import re
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from batchtools import _codec
 from batchtools._exceptions import (
@@ -58,8 +58,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 COUNT_KEYS = ("succeeded", "failed", "skipped", "cancelled")
 
 
-@dataclass(slots=True, frozen=True)
-class Attempt:
+class Attempt(NamedTuple):
     """One execution of the task on an item.
 
     Attributes:

@@ -323,6 +323,8 @@ class Journal:
         self.committed = 0
         self.error: JournalError | None = None
         self.session = run.session
+        self._fresh = False
+        self._seen: _DigestFilter | None = None
 
     # -- opening -------------------------------------------------------
 
@@ -372,7 +374,10 @@ class Journal:
             lock.release()
             raise
         run = RunRecord(run_id, signature, spec, now, now, "running", 0, False)
-        return cls(journal_path, run, lock)
+        journal = cls(journal_path, run, lock)
+        journal._fresh = True
+        journal._seen = _DigestFilter()
+        return journal
 
     @classmethod
     def open_existing(
@@ -453,6 +458,39 @@ class Journal:
         """
         self._post(_Register(rows, callback))
 
+    def register_new(self, rows: list[tuple[int, str, str]]) -> list[str | None]:
+        """Register, without a round trip, items certain not to repeat others.
+
+        Works only for a journal this session created: a filter of the
+        digests registered so far tells which items are certainly new;
+        those are posted as pending rows and get the digest as their key.
+
+        Args:
+            rows: ``(seq, encoded item, digest)`` per item.
+
+        Returns:
+            Per item its key, or ``None`` where it may repeat an earlier
+            item; those must go through `register`.
+        """
+        seen = self._seen
+        if seen is None:
+            return [None] * len(rows)
+        keys: list[str | None] = []
+        staged = []
+        session = self.session
+        for seq, text, digest in rows:
+            if seen.add(digest):
+                staged.append(
+                    [seq, digest, digest, text, session, "pending", 0, 0, None, None,
+                     None, None, None]
+                )
+                keys.append(digest)
+            else:
+                keys.append(None)
+        if staged:
+            self._post(("n", staged))
+        return keys
+
     def update(
         self,
         seq: int,
@@ -525,7 +563,7 @@ class Journal:
             pass  # The loop has closed: nobody waits for this any more.
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
-        writer = _GroupWriter(conn, self.session)
+        writer = _GroupWriter(conn, self.session, fresh=self._fresh)
         applied = 0
         flushes: list[Callable[[], None]] = []
         closing = False
@@ -594,11 +632,21 @@ class Journal:
 
 
 class _GroupWriter:
-    """Applies operations inside one open transaction; runs on the writer thread."""
+    """Applies operations inside one open transaction; runs on the writer thread.
 
-    def __init__(self, conn: sqlite3.Connection, session: int) -> None:
+    New items are staged in memory until the group commits, and state
+    updates of staged items are merged into them, so an item registered and
+    finished within one group costs one INSERT and no UPDATE.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, session: int, fresh: bool) -> None:
         self.conn = conn
         self.session = session
+        # A journal made by this session has no rows from earlier sessions
+        # to match, so registering skips that lookup.
+        self.fresh = fresh
+        self.staged: dict[int, list[Any]] = {}
+        self.staged_keys: set[str] = set()
         self.updates: dict[int, list[Any]] = {}
         self.attempts: list[list[Any]] = []
         self.opened: float | None = None
@@ -627,29 +675,63 @@ class _GroupWriter:
         self.pending_ops += 1
         kind = op[0]
         if kind == "u":
-            row = op[1]
-            earlier = self.updates.get(row[0])
-            if earlier is not None:
-                # Merge: keep earlier facts the later update leaves unset.
-                row = [new if new is not None else old for new, old in zip(row, earlier, strict=True)]
-                if row[1] == "succeeded":
-                    row[5] = None
-            self.updates[row[0]] = row
+            self._update(op[1])
+        elif kind == "n":
+            for row in op[1]:
+                self.staged[row[0]] = row
+                self.staged_keys.add(row[1])
         elif kind == "a":
             self.attempts.append(op[1])
         elif kind == "e":
-            self.conn.execute(sql.INSERT_EVENT, (time.time(), self.session, op[1], op[2]))
+            self.conn.execute(
+                sql.INSERT_EVENT, (time.time(), self.session, op[1], op[2])
+            )
         elif kind == "i":
             self.conn.execute(sql.SET_INPUT_COMPLETE)
         elif kind == "r":
             self.conn.execute(sql.SET_RUN_STATE, (op[1], time.time()))
 
+    def _update(self, row: list[Any]) -> None:
+        seq, state = row[0], row[1]
+        staged = self.staged.get(seq)
+        if staged is not None:
+            # Staged row: [seq, key, digest, item, claimed, state, attempts,
+            # lost_workers, value, error, reason, started, ended].
+            staged[5] = state
+            for offset in range(2, 9):
+                if row[offset] is not None:
+                    staged[offset + 4] = row[offset]
+            if state == "succeeded":
+                staged[9] = None
+            return
+        earlier = self.updates.get(seq)
+        if earlier is not None:
+            row = [
+                new if new is not None else old
+                for new, old in zip(row, earlier, strict=True)
+            ]
+            if state == "succeeded":
+                row[5] = None
+        self.updates[seq] = row
+
+    def _write_staged(self) -> None:
+        if self.staged:
+            rows = json.dumps(list(self.staged.values()))
+            self.conn.execute(sql.INSERT_STAGED_ITEMS, (rows,))
+            self.staged.clear()
+            self.staged_keys.clear()
+
+    def _write_updates(self) -> None:
+        if self.updates:
+            rows = json.dumps(list(self.updates.values()))
+            self.conn.execute(sql.UPDATE_ITEMS, (rows,))
+            self.updates.clear()
+
     def commit(self) -> None:
         if self.opened is None:
             return
-        if self.updates:
-            self.conn.execute(sql.UPDATE_ITEMS, (json.dumps(list(self.updates.values())),))
-            self.updates.clear()
+        self._write_staged()
+        self._write_updates()
         if self.attempts:
             self.conn.execute(sql.INSERT_ATTEMPTS, (json.dumps(self.attempts),))
             self.attempts.clear()
@@ -657,7 +739,10 @@ class _GroupWriter:
         self.opened = None
         self.pending_ops = 0
 
-    def register(self, rows: list[tuple[int, str, str]]) -> list[ItemRow] | BaseException:
+    def register(
+        self, rows: list[tuple[int, str, str]]
+    ) -> list[ItemRow] | BaseException:
+        self._begin()
         try:
             return self._register(rows)
         except sqlite3.Error:
@@ -666,26 +751,26 @@ class _GroupWriter:
             return error
 
     def _register(self, rows: list[tuple[int, str, str]]) -> list[ItemRow]:
-        self._begin()
-        # Pending updates may concern rows this lookup reads; write them first.
-        if self.updates:
-            self.conn.execute(sql.UPDATE_ITEMS, (json.dumps(list(self.updates.values())),))
-            self.updates.clear()
-        session = self.session
-        stored = self.conn.execute(
-            sql.MATCH_BY_SEQ, (json.dumps([[seq, digest] for seq, _, digest in rows]),)
-        ).fetchall()
         result: list[ItemRow | None] = [None] * len(rows)
+        if self.fresh:
+            self._stage_new(rows, list(range(len(rows))), result)
+            return [row for row in result if row is not None]
+        # Updates may concern rows that this lookup reads: write them first.
+        self._write_staged()
+        self._write_updates()
+        session = self.session
+        payload = json.dumps([[seq, digest] for seq, _, digest in rows])
+        stored = self.conn.execute(sql.MATCH_BY_SEQ, (payload,)).fetchall()
         claimed: list[int] = []
-        fresh: list[int] = []
+        new: list[int] = []
         moved: list[int] = []
-        for index, ((seq, _, digest), match) in enumerate(zip(rows, stored, strict=True)):
+        for index, (row, match) in enumerate(zip(rows, stored, strict=True)):
             if match[1] is None:
-                fresh.append(index)
-            elif match[1] == digest and match[9] != session:
-                claimed.append(seq)
+                new.append(index)
+            elif match[1] == row[2] and match[9] != session:
+                claimed.append(row[0])
                 result[index] = ItemRow(
-                    seq=seq, key=match[2], state=match[3], attempts=match[4],
+                    seq=row[0], key=match[2], state=match[3], attempts=match[4],
                     lost_workers=match[5], value=match[6], error=match[7],
                     reason=match[8], new=False,
                 )
@@ -693,30 +778,31 @@ class _GroupWriter:
                 moved.append(index)
         if claimed:
             self.conn.execute(sql.CLAIM_SEQS, (session, json.dumps(claimed)))
-        if fresh:
-            self._insert_fresh(rows, fresh, result)
+        if new:
+            self._stage_new(rows, new, result)
         for index in moved:
             result[index] = self._match_moved(rows[index])
         return [row for row in result if row is not None]
 
-    def _insert_fresh(
-        self, rows: list[tuple[int, str, str]], fresh: list[int],
+    def _stage_new(
+        self, rows: list[tuple[int, str, str]], indexes: list[int],
         result: list[ItemRow | None],
     ) -> None:
-        session = self.session
-        payload = [[rows[i][0], rows[i][2], rows[i][2], rows[i][1], session] for i in fresh]
-        self.conn.execute(sql.INSERT_NEW_ITEMS, (json.dumps(payload),))
-        missing = {
-            seq for (seq,) in self.conn.execute(
-                sql.MISSING_SEQS, (json.dumps([rows[i][0] for i in fresh]),)
-            )
-        }
-        for i in fresh:
+        digests = json.dumps([rows[i][2] for i in indexes])
+        taken = {key for (key,) in self.conn.execute(sql.EXISTING_KEYS, (digests,))}
+        for i in indexes:
             seq, text, digest = rows[i]
-            if seq in missing:
+            if digest in taken or digest in self.staged_keys:
+                # A repeated item: rare, so take the slow, exact path.
+                self._write_staged()
                 result[i] = self._insert_duplicate(seq, text, digest)
-            else:
-                result[i] = ItemRow(seq=seq, key=digest, state="pending")
+                continue
+            self.staged_keys.add(digest)
+            self.staged[seq] = [
+                seq, digest, digest, text, self.session, "pending", 0, 0, None,
+                None, None, None, None,
+            ]
+            result[i] = ItemRow(seq=seq, key=digest, state="pending")
 
     def _insert_duplicate(self, seq: int, text: str, digest: str) -> ItemRow:
         if self.conn.execute(sql.SEQ_EXISTS, (seq,)).fetchone() is not None:
@@ -725,13 +811,15 @@ class _GroupWriter:
             (last,) = self.conn.execute(sql.MAX_SEQ).fetchone()
             seq = last + 1
         (count,) = self.conn.execute(sql.COUNT_DIGEST, (digest,)).fetchone()
-        key = _codec.item_key(text, count) if count else digest
+        key = f"{digest}-{count}" if count else digest
         self.conn.execute(sql.INSERT_ITEM, (seq, key, digest, text, self.session))
         return ItemRow(seq=seq, key=key, state="pending")
 
     def _match_moved(self, row: tuple[int, str, str]) -> ItemRow:
         seq, text, digest = row
-        found = self.conn.execute(sql.FIND_UNCLAIMED, (digest, self.session)).fetchone()
+        found = self.conn.execute(
+            sql.FIND_UNCLAIMED, (digest, self.session)
+        ).fetchone()
         if found is None:
             return self._insert_duplicate(seq, text, digest)
         self.conn.execute(sql.CLAIM_SEQ, (self.session, found[0]))
@@ -740,6 +828,52 @@ class _GroupWriter:
             lost_workers=found[4], value=found[5], error=found[6], reason=found[7],
             new=False,
         )
+
+
+class _DigestFilter:
+    """A Bloom filter of digests that grows in layers as items arrive.
+
+    It answers "certainly not seen" or "maybe seen" in about ten bits per
+    item, so a fresh run learns that an item repeats none before it without
+    keeping every digest in memory or asking the journal.
+    """
+
+    _HASHES = 4
+    _BITS_PER_ITEM = 10
+
+    def __init__(self, first_capacity: int = 65536) -> None:
+        self._layers: list[bytearray] = []
+        self._capacity = first_capacity
+        self._count = 0
+        self._limit = 0
+        self._grow()
+
+    def _grow(self) -> None:
+        self._capacity *= 2 if self._layers else 1
+        self._layers.append(bytearray(self._capacity * self._BITS_PER_ITEM // 8))
+        self._limit += self._capacity
+
+    def add(self, digest: str) -> bool:
+        """Add ``digest``; return whether it was certainly not there before."""
+        first = hash(digest)
+        step = (first >> 32) | 1
+        for layer in self._layers:
+            bits = len(layer) * 8
+            for i in range(self._HASHES):
+                position = (first + i * step) % bits
+                if not layer[position >> 3] & (1 << (position & 7)):
+                    break
+            else:
+                return False
+        if self._count >= self._limit:
+            self._grow()
+        layer = self._layers[-1]
+        bits = len(layer) * 8
+        for i in range(self._HASHES):
+            position = (first + i * step) % bits
+            layer[position >> 3] |= 1 << (position & 7)
+        self._count += 1
+        return True
 
 
 def _pid_file(path: Path) -> Path:

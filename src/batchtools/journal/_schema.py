@@ -52,8 +52,6 @@ CREATE = (
         ended REAL,
         claimed INTEGER NOT NULL DEFAULT 0
     )""",
-    "CREATE INDEX items_digest ON items (digest)",
-    "CREATE INDEX items_state ON items (state)",
     """CREATE TABLE attempts (
         seq INTEGER NOT NULL,
         number INTEGER NOT NULL,
@@ -99,13 +97,33 @@ INSERT_NEW_ITEMS = """
            'pending', j.value ->> 4
     FROM json_each(?) AS j
 """
+# Staged rows are [seq, key, digest, item, claimed, state, attempts,
+# lost_workers, value, error, reason, started, ended].
+INSERT_STAGED_ITEMS = """
+    INSERT INTO items (seq, key, digest, item, claimed, state, attempts,
+                       lost_workers, value, error, reason, started, ended)
+    SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3,
+           j.value ->> 4, j.value ->> 5, j.value ->> 6, j.value ->> 7,
+           j.value ->> 8, j.value ->> 9, j.value ->> 10, j.value ->> 11,
+           j.value ->> 12
+    FROM json_each(?) AS j
+"""
+EXISTING_KEYS = """
+    SELECT key FROM items WHERE key IN (SELECT value FROM json_each(?))
+"""
 # Which of the given seqs have no row (their insert was ignored because
 # another item already has the key: a duplicate).
 MISSING_SEQS = """
     SELECT j.value FROM json_each(?) AS j
     WHERE NOT EXISTS (SELECT 1 FROM items WHERE items.seq = j.value)
 """
-COUNT_DIGEST = "SELECT count(*) FROM items WHERE digest = ?"
+# Keys of copies of one item are the digest itself and the digest followed
+# by "-N", so they sort together: a range over the key index finds them all
+# without an index on the digest.
+COUNT_DIGEST = """
+    SELECT count(*) FROM items
+    WHERE key >= ?1 AND key < ?1 || '.' AND digest = ?1
+"""
 INSERT_ITEM = """
     INSERT INTO items (seq, key, digest, item, state, claimed)
     VALUES (?, ?, ?, ?, 'pending', ?)
@@ -122,7 +140,9 @@ CLAIM_SEQS = """
 """
 FIND_UNCLAIMED = """
     SELECT seq, key, state, attempts, lost_workers, value, error, reason
-    FROM items WHERE digest = ? AND claimed != ? ORDER BY seq LIMIT 1
+    FROM items WHERE key >= ?1 AND key < ?1 || '.' AND digest = ?1
+        AND claimed != ?2
+    ORDER BY seq LIMIT 1
 """
 CLAIM_SEQ = "UPDATE items SET claimed = ? WHERE seq = ?"
 MAX_SEQ = "SELECT coalesce(max(seq), -1) FROM items"
