@@ -583,13 +583,16 @@ class Journal:
                 for op in ops:
                     if op is _CLOSE:
                         closing = True
-                    elif isinstance(op, _Flush):
+                        continue
+                    # Count every posted operation, so that the number
+                    # committed matches `submitted` once all are written.
+                    applied += 1
+                    if isinstance(op, _Flush):
                         flushes.append(op.callback)
                     elif isinstance(op, _Register):
                         self._call_soon(op.callback, writer.register(op.rows))
                     else:
                         writer.apply(op)
-                        applied += 1
                 if closing or flushes or writer.due():
                     writer.commit()
                     self.committed = applied
