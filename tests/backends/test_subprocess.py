@@ -630,7 +630,7 @@ def test_task_cancellation_stops_tree() -> None:
 
 
 def test_slots_never_shared(tmp_path: Path) -> None:
-    # mkdir fails if another command holds the same slot directory.
+    # mkdir fails if another running command has created the same slot directory.
     script = 'mkdir "$0/slot-$1" || exit 9; sleep 0.01; rmdir "$0/slot-$1"'
     backend = backend_for(["sh", "-c", script, str(tmp_path), "{%}"], 2)
 

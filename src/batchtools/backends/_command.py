@@ -4,7 +4,7 @@ A template is parsed once and rendered once per attempt into an argv of
 bytes. Replacement strings are substituted inside each argument, so a
 value stays one argument whatever it contains: spaces, newlines, quotes,
 ``$(...)``, globs, a leading ``-`` or bytes that are not UTF-8. No shell
-parses the value unless the template asks for one with ``shell=True``,
+parses the value unless the template is a shell script (``shell=True``),
 and then every value is quoted for ``/bin/sh``.
 
 Replacement strings (compared with GNU parallel 20221122):

@@ -253,8 +253,8 @@ def _remove_file(path: str) -> None:
 class CommandResult:
     """The outcome of one command: its exit status, output and run time.
 
-    Large output may live in temporary files; call `close` (or use the result
-    as a context manager) to remove them once the output has been used.
+    Large output may live in temporary files. Call `close`, or use the result
+    as a context manager, to remove them once the output has been used.
 
     Attributes:
         argv: The arguments the command was started with.
