@@ -23,7 +23,7 @@ from typing import Any
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-_dump_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_dump_string = json.encoder.encode_basestring
 
 
 def encode(value: Any) -> str:
@@ -49,7 +49,9 @@ def decode(text: str | bytes) -> Any:
 
 def digest(text: str) -> str:
     """Return the 32-hex-digit content hash of an encoded item."""
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    return hashlib.blake2b(
+        text.encode("utf-8", "surrogatepass"), digest_size=16
+    ).hexdigest()
 
 
 def item_key(text: str, occurrence: int) -> str:
@@ -58,7 +60,7 @@ def item_key(text: str, occurrence: int) -> str:
     return base if occurrence == 0 else f"{base}-{occurrence}"
 
 
-def _tag(value: Any) -> list[Any]:  # noqa: PLR0911 - one branch per supported type
+def _tag(value: Any) -> list[Any]:
     kind = type(value)
     if kind is str:
         return ["s", value]
@@ -91,7 +93,7 @@ def _tag(value: Any) -> list[Any]:  # noqa: PLR0911 - one branch per supported t
     return ["x", base64.b64encode(pickle.dumps(value, protocol=5)).decode("ascii")]
 
 
-def _untag(node: Any) -> Any:  # noqa: PLR0911 - one branch per supported type
+def _untag(node: Any) -> Any:
     try:
         tag, payload = node
     except (TypeError, ValueError):
@@ -121,5 +123,5 @@ def _untag(node: Any) -> Any:  # noqa: PLR0911 - one branch per supported type
     if tag == "p":
         return Path(payload)
     if tag == "x":
-        return pickle.loads(base64.b64decode(payload))  # noqa: S301 - user's own journal
+        return pickle.loads(base64.b64decode(payload))
     raise ValueError(f"unknown item tag {tag!r}")

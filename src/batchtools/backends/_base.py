@@ -89,7 +89,7 @@ class TaskSpec:
     def is_async(self) -> bool:
         """Whether calling the function returns an awaitable."""
         return inspect.iscoroutinefunction(self.function) or (
-            inspect.iscoroutinefunction(getattr(self.function, "__call__", None))
+            inspect.iscoroutinefunction(getattr(self.function, "__call__", None))  # noqa: B004 - the method itself is inspected
         )
 
 

@@ -157,7 +157,7 @@ class ThreadBackend(Backend):
                     value = function(call.payload, context=call.context)
                 else:
                     value = function(call.payload)
-            except BaseException as error:  # noqa: BLE001 - handed to the engine
+            except BaseException as error:
                 self._deliver(call, future, False, error)
             else:
                 self._deliver(call, future, True, value)

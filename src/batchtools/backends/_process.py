@@ -83,13 +83,14 @@ _LOCK_POLL_SECONDS = 0.01
 _READ_BYTES = 65536  # the default capacity of a Linux pipe
 _READS_PER_WAKEUP = 16  # bounds the time one busy pipe holds the loop
 
-# The control block: four int64 fields that the worker writes and the parent
+# The control block: three int64 fields that the worker writes and the parent
 # reads, under the worker's lock while the worker is alive.
 _H_SEQ = 0  # sequence number of the chunk the worker is in, -1 before any
-_H_STARTED = 1  # index in that chunk of the item started last, -1 before any
-_H_BUSY = 2  # 1 while that item executes, 0 once its result is in the journal
-_H_JOURNAL_END = 3  # end of the committed frames in the journal, in bytes
-_HEADER_FIELDS = 4
+# 2 * index + 1 while item ``index`` of that chunk executes, 2 * index once
+# its result is in the journal; -2 before the first item.
+_H_STATE = 1
+_H_JOURNAL_END = 2  # end of the committed frames in the journal, in bytes
+_HEADER_FIELDS = 4  # one spare field keeps the skip flags 8-byte aligned
 # Two regions of skip flags, one byte per item, used by chunks of odd and of
 # even sequence numbers. At most two chunks are outstanding per worker, and
 # they have consecutive numbers, so they never share a region.
@@ -184,8 +185,7 @@ class _SharedBlock:
     def reset(self) -> None:
         """Prepare the block for a new worker process."""
         self.header[_H_SEQ] = -1
-        self.header[_H_STARTED] = -1
-        self.header[_H_BUSY] = 0
+        self.header[_H_STATE] = -2
         self.header[_H_JOURNAL_END] = _FRAMES_START
 
     def progress(self, seq: int, index: int) -> int:
@@ -197,10 +197,11 @@ class _SharedBlock:
         current = header[_H_SEQ]
         if seq != current:
             return _NOT_STARTED if seq > current else _FINISHED
-        started = header[_H_STARTED]
+        state = header[_H_STATE]
+        started = state >> 1
         if index > started:
             return _NOT_STARTED
-        if index == started and header[_H_BUSY]:
+        if index == started and state & 1:
             return _EXECUTING
         return _FINISHED  # or skipped, which the parent already knows
 
@@ -228,7 +229,9 @@ def _encode_error(error: BaseException) -> bytes:
         pickle.loads(exception_bytes)
     except BaseException:
         exception_bytes = None
-    return pickle.dumps((type_name, message, traceback_text, exception_bytes), _PROTOCOL)
+    return pickle.dumps(
+        (type_name, message, traceback_text, exception_bytes), _PROTOCOL
+    )
 
 
 class _ChunkRunner:
@@ -269,8 +272,7 @@ class _ChunkRunner:
         header[_H_JOURNAL_END] = end
         acquire()
         header[_H_SEQ] = seq
-        header[_H_STARTED] = -1
-        header[_H_BUSY] = 0
+        header[_H_STATE] = -2
         release()
         since = clock()
         flush_at = since + _FLUSH_SECONDS
@@ -283,8 +285,7 @@ class _ChunkRunner:
             if skip[region + index]:
                 release()
                 continue
-            header[_H_STARTED] = index
-            header[_H_BUSY] = 1
+            header[_H_STATE] = 2 * index + 1
             release()
             try:
                 if wants_context:
@@ -308,13 +309,13 @@ class _ChunkRunner:
                     since, executed, end = now, 0, _FRAMES_START
                 if end + size > limit:
                     self._send_alone(seq, status, index, data)
-                    header[_H_BUSY] = 0
+                    header[_H_STATE] = 2 * index
                     continue
             pack_frame(journal, end, status, index, len(data))
             journal[end + frame_size : end + size] = data
             end += size
             header[_H_JOURNAL_END] = end
-            header[_H_BUSY] = 0
+            header[_H_STATE] = 2 * index
 
             now = clock()
             if now >= flush_at:
@@ -709,8 +710,9 @@ class ProcessBackend(Backend):
         chunk = worker.chunks.get(header[_H_SEQ])
         if chunk is not None:
             self._deliver(chunk, block.journal, _FRAMES_START, header[_H_JOURNAL_END])
-            if header[_H_BUSY]:
-                running = chunk.calls[header[_H_STARTED]]
+            state = header[_H_STATE]
+            if state & 1:
+                running = chunk.calls[state >> 1]
                 if not running.handle.done() and not worker.killed:
                     self._workers_lost += 1
                     running.handle.set_result((False, WorkerLostError(exit_status)))
@@ -749,7 +751,9 @@ class ProcessBackend(Backend):
             self._start_worker(worker.slot)
         except Exception as error:
             self._abort(
-                RunAbortedError(f"a replacement worker process failed to start: {error}")
+                RunAbortedError(
+                    f"a replacement worker process failed to start: {error}"
+                )
             )
 
     def _abort(self, error: BaseException) -> None:

@@ -132,7 +132,9 @@ def _positive(name: str, value: int | None, *, default: int) -> int:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name}={value!r} must be a whole number of at least 1")
+        raise ConfigurationError(
+            f"{name}={value!r} must be a whole number of at least 1"
+        )
     return value
 
 
@@ -189,15 +191,21 @@ def _command_text(task: Any) -> str:
 
 
 def _make_backend(
-    task: Any, name: str, width: int, batch: int, shell: bool,
-    env: Mapping[str, str] | None, timeout: float | None,
+    task: Any,
+    name: str,
+    width: int,
+    batch: int,
+    shell: bool,
+    env: Mapping[str, str] | None,
+    timeout: float | None,
 ) -> Backend:
     if name == "subprocess":
         from batchtools.backends._command import CommandTemplate
         from batchtools.backends._subprocess import SubprocessBackend
 
         template = (
-            task if isinstance(task, CommandTemplate)
+            task
+            if isinstance(task, CommandTemplate)
             else CommandTemplate.parse(task, shell=shell)
         )
         return SubprocessBackend(template, width, env=env, batched=batch > 1)
@@ -244,8 +252,13 @@ def build_engine(
     if rerun is not None:
         kwargs["rerun_states"] = frozenset(rerun)
     return Engine(
-        items, job.backend, job.settings, journal=journal, observers=observers,
-        journal_rows=journal_rows, **kwargs,
+        items,
+        job.backend,
+        job.settings,
+        journal=journal,
+        observers=observers,
+        journal_rows=journal_rows,
+        **kwargs,
     )
 
 
@@ -304,10 +317,21 @@ async def arun(
 ) -> Report:
     """Apply ``task`` to every item and return the report; see `run`."""
     job = prepare(
-        task, concurrency=concurrency, retry=retry, timeout=timeout, backend=backend,
-        key=key, batch_size=batch_size, halt=halt, collect=True, shell=shell, env=env,
+        task,
+        concurrency=concurrency,
+        retry=retry,
+        timeout=timeout,
+        backend=backend,
+        key=key,
+        batch_size=batch_size,
+        halt=halt,
+        collect=True,
+        shell=shell,
+        env=env,
     )
-    engine = build_engine(items, job, open_journal(journal, job, force=force), observers)
+    engine = build_engine(
+        items, job, open_journal(journal, job, force=force), observers
+    )
     if not handle_signals:
         return await engine.run()
     with signal_handlers(engine):
@@ -368,11 +392,19 @@ def run(
         RunAbortedError: The journal failed during the run; what was
             committed is kept.
     """
-    kwargs = {
-        "concurrency": concurrency, "retry": retry, "timeout": timeout,
-        "journal": journal, "backend": backend, "key": key,
-        "batch_size": batch_size, "halt": halt, "observers": observers,
-        "force": force, "shell": shell, "env": env,
+    kwargs: dict[str, Any] = {
+        "concurrency": concurrency,
+        "retry": retry,
+        "timeout": timeout,
+        "journal": journal,
+        "backend": backend,
+        "key": key,
+        "batch_size": batch_size,
+        "halt": halt,
+        "observers": observers,
+        "force": force,
+        "shell": shell,
+        "env": env,
     }
     try:
         asyncio.get_running_loop()
@@ -394,7 +426,7 @@ def _run_on_helper_thread(make: Callable[[], Any]) -> Report:
 
         try:
             loop.run_until_complete(go())
-        except BaseException as error:  # noqa: BLE001 - re-raised in the caller
+        except BaseException as error:
             errors.append(error)
         finally:
             loop.close()
@@ -438,14 +470,20 @@ class AsyncStream:
         if self._task is None:
             self._arrived = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._engine.run())
-            self._task.add_done_callback(lambda _: self._arrived and self._arrived.set())
+            self._task.add_done_callback(self._wake_reader)
+
+    def _wake_reader(self, _: object) -> None:
+        if self._arrived is not None:
+            self._arrived.set()
 
     async def __aenter__(self) -> AsyncStream:
         await self.start()
         return self
 
     async def __aexit__(
-        self, kind: type[BaseException] | None, error: BaseException | None,
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
         await self.aclose()
@@ -513,8 +551,16 @@ def astream(
         JournalError: The journal cannot be used; nothing ran.
     """
     job = prepare(
-        task, concurrency=concurrency, retry=retry, timeout=timeout, backend=backend,
-        key=key, batch_size=batch_size, halt=halt, ordered=ordered, shell=shell,
+        task,
+        concurrency=concurrency,
+        retry=retry,
+        timeout=timeout,
+        backend=backend,
+        key=key,
+        batch_size=batch_size,
+        halt=halt,
+        ordered=ordered,
+        shell=shell,
         env=env,
     )
     journal_file = open_journal(journal, job, force=force)
@@ -556,7 +602,9 @@ class Stream:
         return self
 
     def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None,
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
         self.close()
@@ -565,7 +613,9 @@ class Stream:
         loop = self._start()
         try:
             while True:
-                future = asyncio.run_coroutine_threadsafe(self._inner.next_batch(), loop)
+                future = asyncio.run_coroutine_threadsafe(
+                    self._inner.next_batch(), loop
+                )
                 batch = future.result()
                 if not batch:
                     return
@@ -616,9 +666,20 @@ def stream(
     """
     return Stream(
         astream(
-            items, task, ordered=ordered, concurrency=concurrency, retry=retry,
-            timeout=timeout, journal=journal, backend=backend, key=key,
-            batch_size=batch_size, halt=halt, observers=observers, force=force,
-            shell=shell, env=env,
+            items,
+            task,
+            ordered=ordered,
+            concurrency=concurrency,
+            retry=retry,
+            timeout=timeout,
+            journal=journal,
+            backend=backend,
+            key=key,
+            batch_size=batch_size,
+            halt=halt,
+            observers=observers,
+            force=force,
+            shell=shell,
+            env=env,
         )
     )

@@ -183,7 +183,9 @@ def error_from_json(text: str | None) -> BaseException | None:
     short = type_name.rsplit(".", 1)[-1]
     if type_name.startswith("builtins."):
         type_name = short
-    return RemoteError(type_name, record.get("message", ""), record.get("traceback", ""))
+    return RemoteError(
+        type_name, record.get("message", ""), record.get("traceback", "")
+    )
 
 
 class Engine:
@@ -197,7 +199,9 @@ class Engine:
         *,
         journal: Journal | None = None,
         observers: Sequence[Observer] = (),
-        rerun_states: frozenset[str] = frozenset({"pending", "running", "retrying", "cancelled"}),
+        rerun_states: frozenset[str] = frozenset(
+            {"pending", "running", "retrying", "cancelled"}
+        ),
         journal_rows: Iterable[ItemRow] | None = None,
     ) -> None:
         self.backend = backend
@@ -230,7 +234,9 @@ class Engine:
         self._output: Callable[[Outcome], Any] | None = None
         self._backlog: Callable[[], int] | None = None
         self._backlog_limit = 0
-        self._waiting_commit: collections.deque[tuple[int, Outcome]] = collections.deque()
+        self._waiting_commit: collections.deque[tuple[int, Outcome]] = (
+            collections.deque()
+        )
         self._reorder: dict[int, Outcome | None] = {}
         self._next_index = 0
         self.read_count = 0
@@ -322,7 +328,9 @@ class Engine:
         finally:
             if sweeper is not None:
                 sweeper.cancel()
-            await self.backend.aclose(cancel=self._cancelling or self._aborted is not None)
+            await self.backend.aclose(
+                cancel=self._cancelling or self._aborted is not None
+            )
             await self._feed.aclose()
             await self._close_journal()
             stats = self.backend.statistics()
@@ -509,7 +517,7 @@ class Engine:
         )
         journal.register(
             [rows[i] for i in slow],
-            lambda result: answer.done() or answer.set_result(result),
+            lambda result: _set_result(answer, result),
         )
         registered = await answer
         if isinstance(registered, BaseException):
@@ -559,7 +567,7 @@ class Engine:
         except asyncio.CancelledError:
             del self._active[call]
             raise
-        except BaseException as error:  # noqa: BLE001 - every failure is data
+        except BaseException as error:
             del self._active[call]
             self._failed(job, error, started, time.perf_counter() - began)
             return
@@ -579,30 +587,41 @@ class Engine:
         """
         journal = self.journal
         assert journal is not None
-        for call, job in self._active.items():
+        for job in self._active.values():
             if job.running_recorded == job.attempt:
                 continue
             for member in job.members or (job,):
                 journal.update(
-                    member.seq, "running", attempts=job.attempt,
+                    member.seq,
+                    "running",
+                    attempts=job.attempt,
                     started=job.first_started,
                 )
             job.running_recorded = job.attempt
 
-    def _succeeded(self, job: _Job, value: Any, started: float, duration: float) -> None:
+    def _succeeded(
+        self, job: _Job, value: Any, started: float, duration: float
+    ) -> None:
         attempts = job.attempts
         if attempts is not None or self.settings.collect:
             attempts = attempts or []
             attempts.append(Attempt(job.attempt, started, duration))
         outcome = Outcome(
-            job.seq, job.key, job.item, State.SUCCEEDED, value,
+            job.seq,
+            job.key,
+            job.item,
+            State.SUCCEEDED,
+            value,
             attempts=attempts or [],
         )
         op = None
         if self.journal is not None:
             store = self.settings.store_value or store_json
             op = self.journal.update(
-                job.seq, "succeeded", attempts=job.attempt, value=store(value),
+                job.seq,
+                "succeeded",
+                attempts=job.attempt,
+                value=store(value),
                 ended=started + duration,
             )
         self._emit(job.index, outcome, op)
@@ -651,29 +670,46 @@ class Engine:
             return 0.0
         delay = policy.backoff.delay(job.attempt, self._rng)
         deadline = policy.deadline_seconds
-        if deadline is not None and job.first_started is not None:
-            if time.time() + delay >= job.first_started + deadline:
-                return None
+        started = job.first_started
+        # No backoff may end after the item's deadline.
+        if (
+            deadline is not None
+            and started is not None
+            and time.time() + delay >= started + deadline
+        ):
+            return None
         return delay
 
     def _park(
-        self, job: _Job, error: BaseException, started: float, duration: float,
+        self,
+        job: _Job,
+        error: BaseException,
+        started: float,
+        duration: float,
         delay: float,
     ) -> None:
         key = job.key or _lazy_key(job)
         retry_log.warning(
             "item %s attempt %d failed (%s); retrying in %.2f s",
-            key, job.attempt, error, delay,
+            key,
+            job.attempt,
+            error,
+            delay,
         )
         for observer in self.observers:
             observer.on_retry(key, job.attempt, delay, error)
         if self.journal is not None:
             text = error_json(error)
             for member in job.members or (job,):
-                self.journal.add_attempt(member.seq, job.attempt, started, duration, text)
+                self.journal.add_attempt(
+                    member.seq, job.attempt, started, duration, text
+                )
                 self.journal.update(
-                    member.seq, "retrying", attempts=job.attempt,
-                    lost_workers=job.lost_workers, error=text,
+                    member.seq,
+                    "retrying",
+                    attempts=job.attempt,
+                    lost_workers=job.lost_workers,
+                    error=text,
                 )
         self._parked += 1
         self.retrying += 1
@@ -690,8 +726,13 @@ class Engine:
         self._wake_all()
 
     def _fail_for_good(
-        self, job: _Job, error: BaseException, started: float, duration: float,
-        *, recorded: bool = False,
+        self,
+        job: _Job,
+        error: BaseException,
+        started: float,
+        duration: float,
+        *,
+        recorded: bool = False,
     ) -> None:
         if job.members is not None:
             for member in job.members:
@@ -705,7 +746,11 @@ class Engine:
                 Attempt(job.attempt, started, duration, error)
             ]
         outcome = Outcome(
-            job.seq, job.key, job.item, State.FAILED, error=error,
+            job.seq,
+            job.key,
+            job.item,
+            State.FAILED,
+            error=error,
             attempts=job.attempts or [],
         )
         op = None
@@ -713,16 +758,24 @@ class Engine:
             text = error_json(error)
             self.journal.add_attempt(job.seq, job.attempt, started, duration, text)
             op = self.journal.update(
-                job.seq, "failed", attempts=job.attempt,
-                lost_workers=job.lost_workers, error=text, ended=started + duration,
+                job.seq,
+                "failed",
+                attempts=job.attempt,
+                lost_workers=job.lost_workers,
+                error=text,
+                ended=started + duration,
             )
         self._emit(job.index, outcome, op)
 
     def _cancelled(self, job: _Job, reason: str) -> None:
         for member in job.members or (job,):
             outcome = Outcome(
-                member.seq, member.key, member.item, State.CANCELLED,
-                attempts=job.attempts or [], reason=reason,
+                member.seq,
+                member.key,
+                member.item,
+                State.CANCELLED,
+                attempts=job.attempts or [],
+                reason=reason,
             )
             op = None
             if self.journal is not None:
@@ -739,7 +792,7 @@ class Engine:
         state = outcome.state
         report.counts[_COUNT_NAMES[id(state)]] += 1
         if state is State.FAILED:
-            report.failures.add(outcome.key, outcome.error)
+            report.failures.add(outcome.key, outcome.error, outcome.item)
             self._check_halt()
         if self.settings.collect:
             report.collected.append(outcome)
@@ -749,10 +802,16 @@ class Engine:
             return
         if self.settings.ordered:
             self._reorder[index] = outcome
-            if op is not None and self.journal is not None and op > self.journal.committed:
+            if (
+                op is not None
+                and self.journal is not None
+                and op > self.journal.committed
+            ):
                 self._waiting_commit.append((op, outcome))
             self._drain_reorder()
-        elif op is not None and self.journal is not None and op > self.journal.committed:
+        elif (
+            op is not None and self.journal is not None and op > self.journal.committed
+        ):
             self._waiting_commit.append((op, outcome))
         else:
             self._output(outcome)
@@ -811,8 +870,7 @@ class Engine:
             heapq.heapify(heap)
         heapq.heappush(heap, (deadline, next(self._timeout_counter), call))
         if heap[0][2] is call and self._sweeper_wake is not None:
-            if not self._sweeper_wake.done():
-                self._sweeper_wake.set_result(None)
+            _set_result(self._sweeper_wake)
 
     async def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
@@ -836,9 +894,9 @@ class Engine:
                 handle.cancel()
 
 
-def _set_result(future: asyncio.Future[None]) -> None:
+def _set_result(future: asyncio.Future[Any], value: Any = None) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(value)
 
 
 def _block_size(batch_size: int) -> int:

@@ -36,8 +36,15 @@ class Feed:
         if isinstance(source, AsyncIterable):
             self._async = aiter(source)
         elif isinstance(source, _IN_MEMORY) or type(source).__name__ in (
-            "count", "cycle", "repeat", "dict_keys", "dict_values", "dict_items",
-            "list_iterator", "tuple_iterator", "range_iterator",
+            "count",
+            "cycle",
+            "repeat",
+            "dict_keys",
+            "dict_values",
+            "dict_items",
+            "list_iterator",
+            "tuple_iterator",
+            "range_iterator",
         ):
             self._sync = iter(source)
         else:
@@ -121,7 +128,7 @@ class _ThreadReader:
                         return
                     self._buffer.append(item)
                     self._wake()
-        except BaseException as error:  # noqa: BLE001 - re-raised on the loop
+        except BaseException as error:
             with self._condition:
                 self._error = error
         with self._condition:

@@ -92,7 +92,14 @@ class Outcome:
     """
 
     __slots__ = (
-        "_key", "attempts", "error", "item", "reason", "seq", "source", "state",
+        "_key",
+        "attempts",
+        "error",
+        "item",
+        "reason",
+        "seq",
+        "source",
+        "state",
         "value",
     )
 
@@ -174,11 +181,15 @@ class FailureGroup:
         cause: The error kind and masked message.
         count: How many items failed with it.
         examples: Up to three keys of such items.
+        items: The items of those keys, in the same order.
+        error: The first such item's error.
     """
 
     cause: str
     count: int = 0
     examples: list[str] = field(default_factory=list)
+    items: list[Any] = field(default_factory=list)
+    error: BaseException | None = None
 
 
 class FailureGroups:
@@ -188,15 +199,16 @@ class FailureGroups:
         self._groups: dict[str, FailureGroup] = {}
         self._examples = examples
 
-    def add(self, key: str, error: BaseException | None) -> None:
+    def add(self, key: str, error: BaseException | None, item: Any = None) -> None:
         """Count a failed item."""
         cause = cause_of(error) if error is not None else "unknown error"
         group = self._groups.get(cause)
         if group is None:
-            group = self._groups[cause] = FailureGroup(cause)
+            group = self._groups[cause] = FailureGroup(cause, error=error)
         group.count += 1
         if len(group.examples) < self._examples:
             group.examples.append(key)
+            group.items.append(item)
 
     def most_common(self) -> list[FailureGroup]:
         """Return the groups, largest first."""

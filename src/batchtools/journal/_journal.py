@@ -48,8 +48,21 @@ log = logging.getLogger("batchtools.journal")
 COMMIT_INTERVAL = 0.05
 COMMIT_OPS = 4000
 _NETWORK_FILESYSTEMS = frozenset(
-    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "fuse.sshfs", "ceph",
-     "glusterfs", "lustre", "gpfs", "fuse.s3fs"}
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "9p",
+        "afs",
+        "fuse.sshfs",
+        "ceph",
+        "glusterfs",
+        "lustre",
+        "gpfs",
+        "fuse.s3fs",
+    }
 )
 
 
@@ -248,9 +261,16 @@ def iter_items(
                 return
             for row in rows:
                 yield ItemRow(
-                    seq=row[0], key=row[1], item=_codec.decode(row[2]), state=row[3],
-                    attempts=row[4], lost_workers=row[5], value=row[6],
-                    error=row[7], reason=row[8], new=False,
+                    seq=row[0],
+                    key=row[1],
+                    item=_codec.decode(row[2]),
+                    state=row[3],
+                    attempts=row[4],
+                    lost_workers=row[5],
+                    value=row[6],
+                    error=row[7],
+                    reason=row[8],
+                    new=False,
                 )
             last = rows[-1][0]
     except sqlite3.Error as error:
@@ -273,9 +293,16 @@ def item_history(
     finally:
         conn.close()
     item = ItemRow(
-        seq=row[0], key=row[1], item=_codec.decode(row[2]), state=row[3],
-        attempts=row[4], lost_workers=row[5], value=row[6], error=row[7],
-        reason=row[8], new=False,
+        seq=row[0],
+        key=row[1],
+        item=_codec.decode(row[2]),
+        state=row[3],
+        attempts=row[4],
+        lost_workers=row[5],
+        value=row[6],
+        error=row[7],
+        reason=row[8],
+        new=False,
     )
     return item, [tuple(a) for a in attempts]
 
@@ -330,7 +357,11 @@ class Journal:
 
     @classmethod
     def create(
-        cls, path: str | os.PathLike[str], *, run_id: str, signature: str,
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        run_id: str,
+        signature: str,
         spec: dict[str, Any],
     ) -> Journal:
         """Create a new journal file for a run and take its writer lock.
@@ -381,7 +412,10 @@ class Journal:
 
     @classmethod
     def open_existing(
-        cls, path: str | os.PathLike[str], *, signature: str | None = None,
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        signature: str | None = None,
         force: bool = False,
     ) -> Journal:
         """Open a journal to resume or retry its run, taking the writer lock.
@@ -434,13 +468,21 @@ class Journal:
             self.session = conn.execute(sql.START_SESSION, (time.time(),)).fetchone()[0]
             conn.execute(
                 sql.INSERT_EVENT,
-                (time.time(), self.session, "session-start", json.dumps({"pid": os.getpid()})),
+                (
+                    time.time(),
+                    self.session,
+                    "session-start",
+                    json.dumps({"pid": os.getpid()}),
+                ),
             )
             conn.execute("COMMIT")
         except sqlite3.Error as error:
             raise _translate(self.path, error, "starting a session") from error
         self._thread = threading.Thread(
-            target=self._write_loop, args=(conn,), name="batchtools-journal", daemon=True
+            target=self._write_loop,
+            args=(conn,),
+            name="batchtools-journal",
+            daemon=True,
         )
         self._thread.start()
 
@@ -481,8 +523,21 @@ class Journal:
         for seq, text, digest in rows:
             if seen.add(digest):
                 staged.append(
-                    [seq, digest, digest, text, session, "pending", 0, 0, None, None,
-                     None, None, None]
+                    [
+                        seq,
+                        digest,
+                        digest,
+                        text,
+                        session,
+                        "pending",
+                        0,
+                        0,
+                        None,
+                        None,
+                        None,
+                        None,
+                        None,
+                    ]
                 )
                 keys.append(digest)
             else:
@@ -506,8 +561,20 @@ class Journal:
     ) -> int:
         """Record an item's new state; return the operation's number."""
         return self._post(
-            ("u", [seq, state, attempts, lost_workers, value, error, reason, started,
-                   ended])
+            (
+                "u",
+                [
+                    seq,
+                    state,
+                    attempts,
+                    lost_workers,
+                    value,
+                    error,
+                    reason,
+                    started,
+                    ended,
+                ],
+            )
         )
 
     def add_attempt(
@@ -536,7 +603,7 @@ class Journal:
         """Commit what was posted so far and wait for it."""
         assert self._loop is not None
         done = self._loop.create_future()
-        self.flush(lambda: done.done() or done.set_result(None))
+        self.flush(lambda: _resolve(done, None))
         await done
 
     def close(self) -> None:
@@ -750,7 +817,7 @@ class _GroupWriter:
             return self._register(rows)
         except sqlite3.Error:
             raise
-        except Exception as error:  # noqa: BLE001 - handed to the engine
+        except Exception as error:
             return error
 
     def _register(self, rows: list[tuple[int, str, str]]) -> list[ItemRow]:
@@ -773,9 +840,15 @@ class _GroupWriter:
             elif match[1] == row[2] and match[9] != session:
                 claimed.append(row[0])
                 result[index] = ItemRow(
-                    seq=row[0], key=match[2], state=match[3], attempts=match[4],
-                    lost_workers=match[5], value=match[6], error=match[7],
-                    reason=match[8], new=False,
+                    seq=row[0],
+                    key=match[2],
+                    state=match[3],
+                    attempts=match[4],
+                    lost_workers=match[5],
+                    value=match[6],
+                    error=match[7],
+                    reason=match[8],
+                    new=False,
                 )
             else:
                 moved.append(index)
@@ -788,7 +861,9 @@ class _GroupWriter:
         return [row for row in result if row is not None]
 
     def _stage_new(
-        self, rows: list[tuple[int, str, str]], indexes: list[int],
+        self,
+        rows: list[tuple[int, str, str]],
+        indexes: list[int],
         result: list[ItemRow | None],
     ) -> None:
         digests = json.dumps([rows[i][2] for i in indexes])
@@ -802,8 +877,19 @@ class _GroupWriter:
                 continue
             self.staged_keys.add(digest)
             self.staged[seq] = [
-                seq, digest, digest, text, self.session, "pending", 0, 0, None,
-                None, None, None, None,
+                seq,
+                digest,
+                digest,
+                text,
+                self.session,
+                "pending",
+                0,
+                0,
+                None,
+                None,
+                None,
+                None,
+                None,
             ]
             result[i] = ItemRow(seq=seq, key=digest, state="pending")
 
@@ -820,15 +906,19 @@ class _GroupWriter:
 
     def _match_moved(self, row: tuple[int, str, str]) -> ItemRow:
         seq, text, digest = row
-        found = self.conn.execute(
-            sql.FIND_UNCLAIMED, (digest, self.session)
-        ).fetchone()
+        found = self.conn.execute(sql.FIND_UNCLAIMED, (digest, self.session)).fetchone()
         if found is None:
             return self._insert_duplicate(seq, text, digest)
         self.conn.execute(sql.CLAIM_SEQ, (self.session, found[0]))
         return ItemRow(
-            seq=found[0], key=found[1], state=found[2], attempts=found[3],
-            lost_workers=found[4], value=found[5], error=found[6], reason=found[7],
+            seq=found[0],
+            key=found[1],
+            state=found[2],
+            attempts=found[3],
+            lost_workers=found[4],
+            value=found[5],
+            error=found[6],
+            reason=found[7],
             new=False,
         )
 
@@ -903,9 +993,16 @@ def _take_lock(path: Path) -> filelock.BaseFileLock:
             holder = None
         raise JournalLockedError(str(path), holder) from None
     except OSError as error:
-        raise JournalError(str(path), f"cannot create its lock file: {error}") from error
+        raise JournalError(
+            str(path), f"cannot create its lock file: {error}"
+        ) from error
     try:
         _pid_file(path).write_text(f"{os.getpid()}\n")
     except OSError:
         pass  # The pid only improves the message of a second run.
     return lock
+
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)

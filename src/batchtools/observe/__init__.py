@@ -1,1 +1,6 @@
-"""Subscribers to engine events: progress and the end-of-run summary."""
+"""Subscribers to engine events: the progress line and the end-of-run summary."""
+
+from batchtools.observe._progress import Progress, format_duration
+from batchtools.observe._summary import preview, summary_lines
+
+__all__ = ["Progress", "format_duration", "preview", "summary_lines"]

@@ -58,7 +58,9 @@ class Backoff:
             if not (isinstance(value, int | float) and math.isfinite(value)):
                 raise ConfigurationError(f"Backoff {name}={value!r} must be a number")
             if value < 0:
-                raise ConfigurationError(f"Backoff {name}={value!r} must not be negative")
+                raise ConfigurationError(
+                    f"Backoff {name}={value!r} must not be negative"
+                )
         if self.initial > self.maximum:
             raise ConfigurationError(
                 f"Backoff initial={self.initial!r} must not exceed "

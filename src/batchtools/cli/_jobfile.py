@@ -1,0 +1,150 @@
+"""TOML job files: a repeatable run described in a file, validated up front.
+
+A job file has three tables::
+
+    [run]                       # the options of `batchtools run`
+    jobs = 8
+    journal = "runs/thumbs.db"
+    retries = 3
+    timeout = "60s"
+
+    [input]                     # one of: args, files, glob, stdin
+    glob = "photos/**/*.jpg"
+
+    [task]                      # one of: command, call
+    command = ["convert", "{}", "-resize", "256x256", "thumbs/{/.}.png"]
+
+Relative paths are taken from the current directory, like the paths on a
+command line. Options given on the command line or through environment
+variables override the file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from batchtools._exceptions import ConfigurationError
+from batchtools.policy._units import parse_duration
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class RunTable(_Strict):
+    """The ``[run]`` table: options of `batchtools run`."""
+
+    jobs: int | None = None
+    journal: str | None = None
+    retries: int | None = None
+    timeout: str | float | int | None = None
+    keep_order: bool | None = None
+    halt: str | None = None
+    results: str | None = None
+    shell: bool | None = None
+    max_args: int | None = None
+    colsep: str | None = None
+    null: bool | None = None
+
+    @field_validator("jobs", "max_args")
+    @classmethod
+    def _at_least_one(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("retries")
+    @classmethod
+    def _not_negative(cls, value: int | None) -> int | None:
+        if value is not None and value < 0:
+            raise ValueError("must be 0 or more")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _duration(cls, value: str | float | None) -> str | float | None:
+        if value is not None:
+            try:
+                parse_duration(value, name="timeout")
+            except ConfigurationError as error:
+                raise ValueError(str(error)) from None
+        return value
+
+
+class InputTable(_Strict):
+    """The ``[input]`` table: where the items come from."""
+
+    args: list[str] | list[list[str]] | None = None
+    files: list[str] | None = None
+    glob: str | None = None
+    stdin: bool = False
+
+
+class TaskTable(_Strict):
+    """The ``[task]`` table: a command template or a Python callable."""
+
+    command: str | list[str] | None = None
+    call: str | None = None
+    backend: str | None = None
+
+
+class JobFile(_Strict):
+    """A whole job file."""
+
+    run: RunTable = RunTable()
+    input: InputTable = InputTable()
+    task: TaskTable = TaskTable()
+    tasks: dict[str, Any] | None = None
+
+
+def load_job_file(path: str) -> JobFile:
+    """Read and validate a job file.
+
+    Raises:
+        ConfigurationError: The file is unreadable, not TOML, or does not
+            match the schema; the message names the file and the key.
+    """
+    try:
+        with open(path, "rb") as stream:
+            data = tomllib.load(stream)
+    except OSError as error:
+        raise ConfigurationError(
+            f"cannot read the job file {path!r}: {error.strerror}"
+        ) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigurationError(
+            f"job file {path!r} is not valid TOML: {error}"
+        ) from None
+    try:
+        job = JobFile.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        given = first.get("input")
+        raise ConfigurationError(
+            f"job file {path!r}: invalid value at {where} ({given!r}): {first['msg']}"
+        ) from None
+    if job.tasks is not None:
+        raise ConfigurationError(
+            f"job file {path!r} describes a graph of tasks ([tasks.*]); "
+            "'batchtools run' takes a single [task]"
+        )
+    sources = [
+        name
+        for name in ("args", "files", "glob")
+        if getattr(job.input, name) is not None
+    ]
+    if job.input.stdin:
+        sources.append("stdin")
+    if len(sources) > 1:
+        raise ConfigurationError(
+            f"job file {path!r}: [input] has {' and '.join(sources)}; give only one"
+        )
+    if job.task.command is not None and job.task.call is not None:
+        raise ConfigurationError(
+            f"job file {path!r}: [task] has both command and call; give only one"
+        )
+    return job

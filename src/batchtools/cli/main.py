@@ -1,0 +1,838 @@
+"""The ``batchtools`` command: run, resume, retry and status.
+
+The CLI parses and presents; the work is done by the library's engine. Each
+command checks everything it can (options, job file, template, input files,
+journal, the first item) before anything runs, and reports a problem as one
+``Error:`` line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import itertools
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+
+from batchtools._exceptions import (
+    BatchtoolsError,
+    ConfigurationError,
+    JournalError,
+    JournalMismatchError,
+    RunAbortedError,
+)
+from batchtools.cli._inputs import InputSpec, Source, split_command
+from batchtools.cli._jobfile import load_job_file
+from batchtools.cli._output import OutputWriter
+from batchtools.engine._api import build_engine, open_journal, prepare, signal_handlers
+from batchtools.engine._engine import Observer
+from batchtools.engine._outcome import Report
+from batchtools.journal import Journal, RunRecord, count_states, iter_items, read_run
+from batchtools.observe import Progress, preview, summary_lines
+
+JOURNAL_FOLDER = Path(".batchtools")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 3
+_SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+_RERUN = ("pending", "running", "retrying", "cancelled")
+
+log = logging.getLogger("batchtools.cli")
+
+
+class UsageError(click.ClickException):
+    """A usage error found by batchtools itself; exits with status 2."""
+
+    exit_code = EXIT_USAGE
+
+
+class AbortError(click.ClickException):
+    """The run could not start or go on; exits with status 3."""
+
+    exit_code = EXIT_ABORTED
+
+
+@dataclass
+class RunOptions:
+    """Everything a run needs, as stored in the journal for resume and retry."""
+
+    command: list[str] = field(default_factory=list)
+    call: str | None = None
+    backend: str | None = None
+    shell: bool = False
+    input: dict[str, Any] | None = None
+    jobs: int | None = None
+    max_args: int = 1
+    retries: int = 0
+    timeout: str | None = None
+    keep_order: bool = False
+    halt: str | None = None
+    results: str | None = None
+
+
+# -- the command group ------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pybatchtools", prog_name="batchtools")
+def main() -> None:
+    """Apply one command or Python function to many items, safely.
+
+    Runs are journaled under ./.batchtools/ so that an interrupted or killed
+    run can be finished with 'batchtools resume', and its failed items
+    re-run with 'batchtools retry'.
+
+    Exit status: 0 every item succeeded; 1 some item failed, was skipped
+    or was cancelled by --halt; 2 invalid usage or input, found before
+    anything ran; 3 the run could not go on (journal unusable, disk full);
+    130 interrupted by SIGINT; 143 terminated by SIGTERM.
+    """
+
+
+@main.command(
+    "run",
+    context_settings={
+        "allow_interspersed_args": False,
+        "auto_envvar_prefix": "BATCHTOOLS",
+    },
+)
+@click.option(
+    "-j",
+    "--jobs",
+    type=int,
+    default=None,
+    show_envvar=True,
+    help="Attempts that run at once.  [default: the number of CPUs]",
+)
+@click.option(
+    "-n",
+    "--max-args",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Items per command invocation (or per call with --call).  [default: 1]",
+)
+@click.option(
+    "-0",
+    "--null",
+    is_flag=True,
+    default=None,
+    help="Items in files and on stdin are separated by NUL, not newline.",
+)
+@click.option(
+    "--colsep",
+    metavar="REGEX",
+    default=None,
+    help="Split each input line into columns {1}, {2}, ... at REGEX.",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Retries after the first attempt of a failed item.  [default: 0]",
+)
+@click.option(
+    "--timeout",
+    metavar="DURATION",
+    default=None,
+    help="Stop an attempt after this long, such as 30s or 5m.",
+)
+@click.option(
+    "--journal",
+    metavar="PATH",
+    default=None,
+    help="Journal file of the run.  [default: a new file under .batchtools/]",
+)
+@click.option(
+    "--no-journal", is_flag=True, help="Keep no journal; the run cannot resume."
+)
+@click.option(
+    "--results",
+    metavar="DIR",
+    default=None,
+    help="Keep each item's stdout, stderr and exit status in files under DIR.",
+)
+@click.option(
+    "-k",
+    "--keep-order",
+    is_flag=True,
+    default=None,
+    help="Print output in input order instead of as items finish.",
+)
+@click.option(
+    "--shell",
+    is_flag=True,
+    default=None,
+    help="Run the command through /bin/sh; items are quoted for it.",
+)
+@click.option(
+    "--halt",
+    metavar="WHEN,fail=N",
+    default=None,
+    help="Stop after N failures (or N%): now cancels running items, soon lets "
+    "them finish.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Print the commands that would run; run nothing."
+)
+@click.option(
+    "--call",
+    "call",
+    metavar="MODULE:FUNCTION",
+    default=None,
+    help="Call a Python function on each item instead of a command.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["async", "thread", "process"]),
+    default=None,
+    help="Where --call runs.  [default: async for coroutine functions, else thread]",
+)
+@click.option(
+    "-f",
+    "--job-file",
+    metavar="JOB.toml",
+    default=None,
+    help="Read options, input and task from a TOML job file.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Reuse an existing --journal even if it records another command.",
+)
+@click.option("-v", "--verbose", count=True, help="Log retries and full tracebacks.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress line and no summary.")
+@click.argument("words", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def run_command(
+    context: click.Context, /, words: tuple[str, ...], **options: Any
+) -> None:
+    """Run COMMAND once per item.
+
+    \b
+    batchtools run [OPTIONS] [--] COMMAND [ARG...] [::: ITEM...]... [:::: FILE...]
+
+    Items come from the arguments after ':::' (several groups give every
+    combination), from files after '::::' (one item per line), or else from
+    standard input. In COMMAND, {} is the item, {.} the item without its
+    extension, {/} its base name, {//} its folder, {/.} its base name
+    without extension, {#} the sequence number, {%} the job slot and {1},
+    {2}, ... the columns or input sources. With none of these, the item is
+    appended as the last argument. No shell is used unless --shell is given,
+    so every item reaches the command as one argument, exactly as given.
+    """
+    _setup_logging(options["verbose"], options["quiet"])
+    try:
+        plan = _plan_run(context, list(words), options)
+    except ConfigurationError as error:
+        raise UsageError(str(error)) from None
+    if options["dry_run"]:
+        _dry_run(plan)
+        return
+    _execute(plan, options, mode="run")
+
+
+@main.command("resume")
+@click.argument("journal", required=False, metavar="[JOURNAL]")
+@click.option("-j", "--jobs", type=int, default=None, help="Attempts that run at once.")
+@click.option("-v", "--verbose", count=True, help="Log retries and full tracebacks.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress line and no summary.")
+def resume_command(
+    journal: str | None, jobs: int | None, verbose: int, quiet: bool
+) -> None:
+    """Finish an interrupted or killed run.
+
+    Runs the items that have no outcome yet; items that failed wait for
+    'batchtools retry'. Without JOURNAL, resumes the latest unfinished run
+    under ./.batchtools/.
+    """
+    _setup_logging(verbose, quiet)
+    path = Path(journal) if journal else _latest_unfinished()
+    plan = _plan_from_journal(path, jobs)
+    _execute(
+        plan, {"quiet": quiet, "verbose": verbose}, mode="resume", journal_path=path
+    )
+
+
+@main.command("retry")
+@click.argument("journal", required=False, metavar="[JOURNAL]")
+@click.option("-j", "--jobs", type=int, default=None, help="Attempts that run at once.")
+@click.option("-v", "--verbose", count=True, help="Log retries and full tracebacks.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress line and no summary.")
+def retry_command(
+    journal: str | None, jobs: int | None, verbose: int, quiet: bool
+) -> None:
+    """Run the failed items of a run again, with their original arguments.
+
+    Without JOURNAL, takes the latest run under ./.batchtools/.
+    """
+    _setup_logging(verbose, quiet)
+    path = Path(journal) if journal else _latest(lambda run: True)
+    plan = _plan_from_journal(path, jobs)
+    _execute(
+        plan, {"quiet": quiet, "verbose": verbose}, mode="retry", journal_path=path
+    )
+
+
+@main.command("status")
+@click.argument("journal", required=False, metavar="[JOURNAL]")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--failed",
+    is_flag=True,
+    help="List the failed items, one a line, in the form '::::' reads.",
+)
+@click.option("-0", "--null", is_flag=True, help="With --failed, end items with NUL.")
+def status_command(
+    journal: str | None, as_json: bool, failed: bool, null: bool
+) -> None:
+    """Show the counts of a run.
+
+    Without JOURNAL, shows the latest run under ./.batchtools/.
+    """
+    path = Path(journal) if journal else _latest(lambda run: True)
+    try:
+        run = read_run(path)
+        states = count_states(path)
+    except JournalError as error:
+        raise AbortError(str(error)) from None
+    if failed:
+        _print_failed(path, null)
+        return
+    state = run.state
+    if state == "running" and not _is_locked(path):
+        state = "interrupted"
+    counts = {
+        name: states.get(name, 0)
+        for name in (
+            "succeeded",
+            "failed",
+            "skipped",
+            "cancelled",
+            "pending",
+            "running",
+        )
+    }
+    counts["running"] += states.get("retrying", 0)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "run_id": run.run_id,
+                    "state": state,
+                    "journal": str(path),
+                    "counts": counts,
+                    "created": run.created,
+                    "updated": run.updated,
+                    "sessions": run.session,
+                    "input_complete": run.input_complete,
+                }
+            )
+        )
+        return
+    click.echo(f"run {run.run_id} ({state}), journal {path}")
+    click.echo("  " + ", ".join(f"{count} {name}" for name, count in counts.items()))
+    if state == "interrupted":
+        click.echo(f"  finish it with: batchtools resume {path}")
+    if counts["failed"]:
+        click.echo(f"  re-run the failed items with: batchtools retry {path}")
+
+
+# -- planning a run -----------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """A checked run, ready to start."""
+
+    options: RunOptions
+    task: Any
+    input: InputSpec
+    total: int | None
+
+
+def _plan_run(
+    context: click.Context, words: list[str], options: dict[str, Any]
+) -> Plan:
+    job_file = load_job_file(options["job_file"]) if options["job_file"] else None
+    source = context.get_parameter_source
+
+    def pick(name: str, from_file: Any, default: Any) -> Any:
+        value = options[name]
+        given = source(name) not in (None, click.core.ParameterSource.DEFAULT)
+        if given or (value is not None and value is not False):
+            return value
+        return from_file if from_file is not None else default
+
+    run_table = job_file.run if job_file else None
+    task_table = job_file.task if job_file else None
+    command, input_spec = split_command(words)
+    if job_file is not None and not command and task_table is not None:
+        if isinstance(task_table.command, str):
+            command = _shell_words(task_table.command)
+        elif task_table.command is not None:
+            command = list(task_table.command)
+    call = pick("call", task_table.call if task_table else None, None)
+    if input_spec is None and job_file is not None:
+        input_spec = _job_file_input(job_file)
+    if input_spec is None:
+        input_spec = InputSpec([Source("stdin")])
+    input_spec.null = bool(pick("null", run_table.null if run_table else None, False))
+    input_spec.colsep = pick("colsep", run_table.colsep if run_table else None, None)
+    if call is None and not command:
+        raise ConfigurationError(
+            "missing command: give one after the options, such as "
+            "'batchtools run gzip -k ::: a.txt b.txt', or use --call MODULE:FUNCTION"
+        )
+    if call is not None and command:
+        raise ConfigurationError(
+            f"give either a command ({' '.join(command)!r}) or --call, not both"
+        )
+    plan_options = RunOptions(
+        command=command,
+        call=call,
+        backend=pick("backend", task_table.backend if task_table else None, None),
+        shell=bool(pick("shell", run_table.shell if run_table else None, False)),
+        input=input_spec.to_spec(),
+        jobs=pick("jobs", run_table.jobs if run_table else None, None),
+        max_args=pick("max_args", run_table.max_args if run_table else None, 1),
+        retries=pick("retries", run_table.retries if run_table else None, 0),
+        timeout=_text(pick("timeout", run_table.timeout if run_table else None, None)),
+        keep_order=bool(
+            pick("keep_order", run_table.keep_order if run_table else None, False)
+        ),
+        halt=pick("halt", run_table.halt if run_table else None, None),
+        results=pick("results", run_table.results if run_table else None, None),
+    )
+    journal = pick("journal", run_table.journal if run_table else None, None)
+    options["journal"] = journal
+    return _checked_plan(plan_options, input_spec)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _shell_words(text: str) -> list[str]:
+    import shlex
+
+    try:
+        return shlex.split(text)
+    except ValueError as error:
+        raise ConfigurationError(f"invalid command {text!r}: {error}") from None
+
+
+def _job_file_input(job_file: Any) -> InputSpec | None:
+    table = job_file.input
+    if table.args is not None:
+        groups = (
+            table.args
+            if table.args and isinstance(table.args[0], list)
+            else [table.args]
+        )
+        return InputSpec(
+            [Source("args", [os.fsencode(v) for v in group]) for group in groups]
+        )
+    if table.files is not None:
+        return InputSpec([Source("file", path=os.path.abspath(f)) for f in table.files])
+    if table.glob is not None:
+        return InputSpec([Source("glob", path=table.glob)])
+    if table.stdin:
+        return InputSpec([Source("stdin")])
+    return None
+
+
+def _checked_plan(options: RunOptions, input_spec: InputSpec) -> Plan:
+    input_spec.check()
+    if options.jobs is not None and options.jobs < 1:
+        raise ConfigurationError(f"--jobs {options.jobs} must be at least 1")
+    task = _load_call(options.call) if options.call else options.command
+    if options.call is None and not options.shell:
+        from batchtools.backends._command import CommandTemplate
+
+        template = CommandTemplate.parse(options.command)
+        task = template
+        columns = len(input_spec.sources) if input_spec.colsep is None else None
+        if columns is not None and options.max_args == 1:
+            _check_columns(template, columns)
+    elif options.call is None:
+        from batchtools.backends._command import CommandTemplate
+
+        task = CommandTemplate.parse(" ".join(options.command), shell=True)
+    total = input_spec.total()
+    return Plan(options, task, input_spec, total)
+
+
+def _check_columns(template: Any, columns: int) -> None:
+    try:
+        template.render([tuple(b"x" for _ in range(columns))], seq=0, slot=1)
+    except ConfigurationError as error:
+        raise ConfigurationError(
+            f"{error} (the input has {columns} source{'s' if columns > 1 else ''})"
+        ) from None
+
+
+def _load_call(target: str) -> Any:
+    module_name, _, function_name = target.partition(":")
+    if not module_name or not function_name:
+        raise ConfigurationError(
+            f"--call {target!r} must have the form MODULE:FUNCTION, such as "
+            "'mypackage.tasks:resize'"
+        )
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigurationError(
+            f"--call {target!r}: cannot import {module_name!r}: {error}"
+        ) from None
+    function = getattr(module, function_name, None)
+    if function is None or not callable(function):
+        raise ConfigurationError(
+            f"--call {target!r}: module {module_name!r} has no function "
+            f"{function_name!r}"
+        )
+    return (
+        _CallAdapter(function)
+        if not asyncio.iscoroutinefunction(function)
+        else _AsyncCallAdapter(function)
+    )
+
+
+class _CallAdapter:
+    """Hands a CLI item to a Python function: one column as ``str``, more as a tuple."""
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+        self.__qualname__ = getattr(function, "__qualname__", repr(function))
+        self.__module__ = getattr(function, "__module__", "?")
+
+    def __call__(self, item: Any) -> Any:
+        return self.function(_as_text(item))
+
+
+class _AsyncCallAdapter(_CallAdapter):
+    async def __call__(self, item: Any) -> Any:
+        return await self.function(_as_text(item))
+
+
+def _as_text(item: Any) -> Any:
+    if isinstance(item, list):
+        return [_as_text(member) for member in item]
+    if isinstance(item, tuple):
+        texts = tuple(os.fsdecode(value) for value in item)
+        return texts[0] if len(texts) == 1 else texts
+    return item
+
+
+def _plan_from_journal(path: Path, jobs: int | None) -> Plan:
+    try:
+        run = read_run(path)
+    except JournalError as error:
+        raise AbortError(str(error)) from None
+    stored = run.spec.get("cli")
+    if not isinstance(stored, dict):
+        raise UsageError(
+            f"journal {path} was not made by 'batchtools run'; resume it from the "
+            "library with the same items and task"
+        )
+    options = RunOptions(**stored)
+    if jobs is not None:
+        options.jobs = jobs
+    assert options.input is not None
+    input_spec = InputSpec.from_spec(options.input)
+    try:
+        return _checked_plan(options, input_spec)
+    except ConfigurationError as error:
+        raise UsageError(str(error)) from None
+
+
+# -- running ------------------------------------------------------------------
+
+
+def _execute(
+    plan: Plan, flags: dict[str, Any], *, mode: str, journal_path: Path | None = None
+) -> NoReturn:
+    options = plan.options
+    quiet = bool(flags.get("quiet"))
+    try:
+        job = prepare(
+            plan.task,
+            concurrency=options.jobs,
+            retry=options.retries,
+            timeout=options.timeout,
+            backend=options.backend,
+            batch_size=options.max_args,
+            halt=options.halt,
+            ordered=options.keep_order,
+            spec={"cli": asdict(options)},
+        )
+    except ConfigurationError as error:
+        raise UsageError(str(error)) from None
+    items, journal_rows, rerun = _sources(plan, mode, journal_path)
+    items = _check_first_item(items, plan)
+    journal = _open_journal(job, mode, journal_path, flags)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    progress = None
+    if not quiet and console.is_terminal:
+        progress = Progress(console, plan.total)
+    writer = OutputWriter(
+        Path(options.results) if options.results else None,
+        write_stderr=(lambda text: console.out(text, highlight=False))
+        if progress
+        else None,
+    )
+    observers: list[Observer] = []
+    if progress is not None:
+        observers.append(progress)
+        _count_later(plan, progress)
+    engine = build_engine(
+        items, job, journal, observers, rerun=rerun, journal_rows=journal_rows
+    )
+    # Output goes through the engine's output rather than as an observer, so
+    # that -k gets input order and a journaled outcome is printed only once
+    # it is committed.
+    writer.on_start(engine)
+    engine.set_output(writer.on_outcome)
+    received: list[int] = []
+    report: Report | None = None
+    aborted: BaseException | None = None
+
+    async def go() -> Report:
+        with signal_handlers(engine, received):
+            return await engine.run()
+
+    try:
+        report = asyncio.run(go())
+    except RunAbortedError as error:
+        aborted = error
+    finally:
+        if progress is not None:
+            progress.stop()
+    code = _finish(report, aborted, received, journal, quiet)
+    sys.exit(code)
+
+
+def _sources(
+    plan: Plan, mode: str, journal_path: Path | None
+) -> tuple[Iterable[Any], Iterable[Any] | None, tuple[str, ...]]:
+    if mode == "retry":
+        assert journal_path is not None
+        return [], iter_items(journal_path, ["failed"]), ("failed",)
+    if mode == "resume" and plan.input.reads_stdin:
+        assert journal_path is not None
+        if not read_run(journal_path).input_complete:
+            log.warning(
+                "standard input was not read to its end before the run stopped; "
+                "resume runs the items that were read, and the rest is lost"
+            )
+        return [], iter_items(journal_path, list(_RERUN)), _RERUN
+    return plan.input.items(), None, _RERUN
+
+
+def _check_first_item(items: Iterable[Any], plan: Plan) -> Iterable[Any]:
+    """Read the first item before anything runs, so that input errors come first."""
+    if isinstance(items, list):
+        return items
+    iterator = iter(items)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        return []
+    except OSError as error:
+        raise UsageError(f"cannot read the input: {error}") from None
+    return itertools.chain([first], iterator)
+
+
+def _open_journal(
+    job: Any, mode: str, journal_path: Path | None, flags: dict[str, Any]
+) -> Journal | None:
+    try:
+        if mode in ("resume", "retry"):
+            assert journal_path is not None
+            return Journal.open_existing(journal_path, signature=job.signature)
+        if flags.get("no_journal"):
+            return None
+        path = flags.get("journal")
+        if path is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            path = JOURNAL_FOLDER / f"{stamp}-{job.settings.run_id[:8]}.db"
+            JOURNAL_FOLDER.mkdir(mode=0o700, exist_ok=True)
+        return open_journal(path, job, force=bool(flags.get("force")))
+    except JournalMismatchError as error:
+        raise UsageError(str(error)) from None
+    except JournalError as error:
+        raise AbortError(str(error)) from None
+
+
+def _count_later(plan: Plan, progress: Progress) -> None:
+    """Count the items of input files on a helper thread, for the ETA."""
+    if plan.total is not None or plan.input.reads_stdin:
+        return
+
+    def count() -> None:
+        try:
+            progress.total = plan.input.count_in_files()
+        except OSError:
+            pass
+
+    threading.Thread(target=count, name="batchtools-count", daemon=True).start()
+
+
+def _finish(
+    report: Report | None,
+    aborted: BaseException | None,
+    received: list[int],
+    journal: Journal | None,
+    quiet: bool,
+) -> int:
+    err = sys.stderr
+    if report is not None and not quiet:
+        for line in summary_lines(report):
+            click.echo(line, file=err)
+    if aborted is not None:
+        click.echo(f"Error: {aborted}", file=err)
+        if journal is not None:
+            click.echo(
+                f"What was committed is kept; after fixing the cause, run: "
+                f"batchtools resume {journal.path}",
+                file=err,
+            )
+        return EXIT_ABORTED
+    assert report is not None
+    if received:
+        name = signal.Signals(received[0]).name
+        if journal is not None:
+            click.echo(
+                f"Interrupted by {name}. Finish the run with: "
+                f"batchtools resume {journal.path}",
+                file=err,
+            )
+        else:
+            click.echo(f"Interrupted by {name}.", file=err)
+        return _SIGNAL_EXIT.get(signal.Signals(received[0]), 128 + received[0])
+    if report.interrupted and report.halted is None and journal is not None:
+        click.echo(
+            f"The run stopped early ({'output closed'}); finish it with: "
+            f"batchtools resume {journal.path}",
+            file=err,
+        )
+    if report.ok:
+        return EXIT_OK
+    if report.counts["failed"] and journal is not None and not quiet:
+        click.echo(
+            f"Re-run the failed items with: batchtools retry {journal.path}", file=err
+        )
+    return EXIT_FAILED
+
+
+def _dry_run(plan: Plan) -> None:
+    from batchtools.backends._command import CommandTemplate
+
+    task = plan.task
+    out = sys.stdout.buffer
+    size = plan.options.max_args
+    items = iter(plan.input.items())
+    for seq in itertools.count():
+        batch = list(itertools.islice(items, size))
+        if not batch:
+            return
+        if isinstance(task, CommandTemplate):
+            argv = task.render(
+                batch,
+                seq=seq,
+                slot=seq % max(plan.options.jobs or 1, 1) + 1,
+                batch=size > 1,
+            )
+            out.write(b" ".join(_quote(arg) for arg in argv) + b"\n")
+        else:
+            arguments = ", ".join(preview(item) for item in batch)
+            out.write(f"{plan.options.call}({arguments})\n".encode())
+
+
+def _quote(arg: bytes) -> bytes:
+    from batchtools.backends._command import quote_for_shell
+
+    return quote_for_shell(arg)
+
+
+def _latest(accept: Callable[[RunRecord], bool]) -> Path:
+    candidates = []
+    for path in JOURNAL_FOLDER.glob("*.db") if JOURNAL_FOLDER.is_dir() else []:
+        try:
+            run = read_run(path)
+        except JournalError:
+            continue
+        if accept(run):
+            candidates.append((run.created, path))
+    if not candidates:
+        raise UsageError(
+            f"no matching run under {JOURNAL_FOLDER}/; give the journal's path"
+        )
+    return max(candidates)[1]
+
+
+def _latest_unfinished() -> Path:
+    return _latest(lambda run: run.state != "finished")
+
+
+def _is_locked(path: Path) -> bool:
+    import filelock
+
+    lock = filelock.FileLock(str(path) + ".lock", timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        return True
+    except OSError:
+        return False
+    lock.release()
+    return False
+
+
+def _print_failed(path: Path, null: bool) -> None:
+    out = sys.stdout.buffer
+    end = b"\0" if null else b"\n"
+    for row in iter_items(path, ["failed"]):
+        item = row.item
+        if isinstance(item, tuple):
+            out.write(b"\t".join(item) + end)
+        else:
+            out.write(os.fsencode(str(item)) + end)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("batchtools: %(message)s"))
+    root = logging.getLogger("batchtools")
+    root.handlers[:] = [handler]
+    root.propagate = False
+    root.setLevel(
+        logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    )
+    # A retry is routine; it is shown with -v only.
+    logging.getLogger("batchtools.retry").setLevel(
+        logging.INFO if verbose else logging.ERROR
+    )
+    logging.getLogger("batchtools.engine").setLevel(
+        logging.INFO if verbose else logging.ERROR
+    )
+
+
+def cli_main() -> None:
+    """Run the command line, turning unexpected library errors into exit 3."""
+    try:
+        main(standalone_mode=True)
+    except BatchtoolsError as error:
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(EXIT_ABORTED)

@@ -1,0 +1,65 @@
+"""The end-of-run summary: counts, duration, rate and failures by cause."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from batchtools.engine._outcome import Report
+from batchtools.observe._progress import format_duration
+
+_PREVIEW = 60
+
+
+def preview(item: Any) -> str:
+    """Return a short, printable form of an item for messages."""
+    if isinstance(item, tuple) and all(isinstance(v, bytes) for v in item):
+        text = " ".join(os.fsdecode(v) for v in item)
+    elif isinstance(item, bytes):
+        text = os.fsdecode(item)
+    else:
+        text = repr(item)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    text = text.replace("\n", "\\n").replace("\t", "\\t")
+    return text if len(text) <= _PREVIEW else text[: _PREVIEW - 3] + "..."
+
+
+def summary_lines(
+    report: Report, *, groups: int = 10, describe: Callable[[Any], str] = preview
+) -> list[str]:
+    """Return the summary of ``report`` as lines of plain text."""
+    counts = report.counts
+    parts = [
+        f"{counts[name]} {name}"
+        for name in counts
+        if counts[name] or name in ("succeeded", "failed")
+    ]
+    lines = [
+        f"{report.total} items: {', '.join(parts)} in "
+        f"{format_duration(report.duration)} ({report.rate:,.1f} items/s)"
+    ]
+    if report.from_journal:
+        lines.append(
+            f"{report.from_journal} of the succeeded items were done in an earlier "
+            "session of this run."
+        )
+    if report.abandoned_threads:
+        lines.append(
+            f"{report.abandoned_threads} timed-out thread attempts were still "
+            "running at the end; threads cannot be killed."
+        )
+    if report.workers_lost:
+        lines.append(f"{report.workers_lost} worker processes died during attempts.")
+    if report.halted:
+        lines.append(f"Halted: {report.halted}.")
+    common = report.failures.most_common()
+    if common:
+        lines.append("Failures by cause:")
+    for group in common[:groups]:
+        lines.append(f"  {group.count} x {group.cause}")
+        for key, item in zip(group.examples, group.items, strict=True):
+            lines.append(f"      {key[:16]}  {describe(item)}")
+    if len(common) > groups:
+        lines.append(f"  ... and {len(common) - groups} more causes")
+    return lines
