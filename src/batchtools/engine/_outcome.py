@@ -161,16 +161,30 @@ def cause_of(error: BaseException) -> str:
     only in those fall into one group.
     """
     if isinstance(error, CommandFailedError):
-        return str(error)
+        # The last line a command wrote to stderr usually names the cause.
+        lines = error.stderr_tail.decode("utf-8", "replace").strip().splitlines()
+        last = _mask(lines[-1]) if lines else ""
+        return f"{error}: {last}" if last else str(error)
     if isinstance(error, WorkerLostError | AttemptTimeoutError):
         return _NUMBER.sub("N", str(error))
-    name = error.type_name if isinstance(error, RemoteError) else type(error).__name__
-    message = str(error.message if isinstance(error, RemoteError) else error)
+    if isinstance(error, RemoteError):
+        name, message = error.type_name, error.message
+    elif isinstance(error, SyntaxError):
+        # str() of a SyntaxError names the file, which would split the group.
+        name, message = type(error).__name__, str(error.msg)
+    else:
+        name, message = type(error).__name__, str(error)
+    masked = _mask(message)
+    return f"{name}: {masked}" if masked else name
+
+
+def _mask(message: str) -> str:
+    """Return the first line of ``message`` with hex ids, paths and numbers masked."""
     message = _HEX.sub("<hex>", message)
     message = _PATH.sub("<path>", message)
     message = _NUMBER.sub("N", message)
-    first_line = message.strip().splitlines()[0] if message.strip() else ""
-    return f"{name}: {first_line}" if first_line else name
+    stripped = message.strip()
+    return stripped.splitlines()[0] if stripped else ""
 
 
 @dataclass(slots=True)

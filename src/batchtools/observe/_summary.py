@@ -18,11 +18,14 @@ def preview(item: Any) -> str:
         text = " ".join(os.fsdecode(v) for v in item)
     elif isinstance(item, bytes):
         text = os.fsdecode(item)
+    elif isinstance(item, str):
+        text = item
     else:
         text = repr(item)
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     text = text.replace("\n", "\\n").replace("\t", "\\t")
-    return text if len(text) <= _PREVIEW else text[: _PREVIEW - 3] + "..."
+    # The end of a long item (a path's file name) tells items apart best.
+    return text if len(text) <= _PREVIEW else "..." + text[3 - _PREVIEW :]
 
 
 def summary_lines(
