@@ -620,6 +620,8 @@ def _execute(
         if progress is not None:
             progress.stop()
     code = _finish(report, aborted, received, journal, quiet)
+    if mode == "resume" and report is not None and report.total == report.carried:
+        code = EXIT_OK  # The run had already finished: nothing was left to do.
     sys.exit(code)
 
 

@@ -429,6 +429,7 @@ def _run_on_helper_thread(make: Callable[[], Any]) -> Report:
         except BaseException as error:
             errors.append(error)
         finally:
+            loop.run_until_complete(loop.shutdown_default_executor())
             loop.close()
 
     thread = threading.Thread(target=target, name="batchtools-run", daemon=True)
@@ -630,6 +631,10 @@ class Stream:
         self._closed = True
         loop = self._loop
         asyncio.run_coroutine_threadsafe(self._inner.aclose(), loop).result()
+        # `loop.close` would not wait for the threads of `asyncio.to_thread`.
+        asyncio.run_coroutine_threadsafe(
+            loop.shutdown_default_executor(), loop
+        ).result()
         loop.call_soon_threadsafe(loop.stop)
         assert self._thread is not None
         self._thread.join()

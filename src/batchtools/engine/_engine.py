@@ -374,10 +374,18 @@ class Engine:
 
     async def _work(self) -> None:
         owner = asyncio.current_task()
+        ready = self._ready
+        # Without retries waiting, prefetching, ordering or a consumer to
+        # wait for, the next job is simply the next ready one; take it
+        # without the general path's checks.
+        simple = not (self._prefetch or self.settings.ordered or self._backlog)
         while True:
-            job = await self._next_job()
-            if job is None:
-                return
+            if simple and ready and not self._retry_ready and self._stopping is None:
+                job: _Job | None = ready.popleft()
+            else:
+                job = await self._next_job()
+                if job is None:
+                    return
             await self._attempt(job, owner)
 
     async def _next_job(self) -> _Job | None:
@@ -537,6 +545,7 @@ class Engine:
     def _finish_from_journal(self, job: _Job, row: ItemRow) -> None:
         state = State(row.state)
         outcome = Outcome(job.seq, row.key, job.item, state, source="journal")
+        self.report.carried += 1
         if state is State.SUCCEEDED:
             outcome.value = json.loads(row.value) if row.value else None
             self.report.from_journal += 1

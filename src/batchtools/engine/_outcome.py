@@ -247,6 +247,8 @@ class Report:
         duration: Seconds the run took.
         from_journal: Items counted as succeeded because an earlier session
             of the run finished them.
+        carried: Items of any final state taken from an earlier session
+            without running.
         interrupted: Whether a signal or a cancel stopped the run early.
         halted: Why a halt condition stopped the run, if one did.
         journal: The journal's path, if the run had one.
@@ -264,6 +266,7 @@ class Report:
     started: float = 0.0
     duration: float = 0.0
     from_journal: int = 0
+    carried: int = 0
     interrupted: bool = False
     halted: str | None = None
     journal: str | None = None
