@@ -98,13 +98,10 @@ def api_run(files: list[str]) -> None:
     from check_syntax import check
 
     print(
-        "batchtools.run(files, check, backend='process', "
-        "journal='demo-out/api.db')",
+        "batchtools.run(files, check, backend='process', journal='demo-out/api.db')",
         flush=True,
     )
-    report = batchtools.run(
-        files, check, backend="process", journal=OUT / "api.db"
-    )
+    report = batchtools.run(files, check, backend="process", journal=OUT / "api.db")
     for line in summary_lines(report, groups=5):
         print(line)
 
@@ -121,8 +118,17 @@ def main() -> None:
 
     heading("1. batchtools run over the standard library, with a journal")
     run_cli(
-        "run", "--journal", str(OUT / "stdlib.db"), "--results", str(OUT / "results"),
-        "--", *CHECK, "{}", "::::", str(file_list), check=True,
+        "run",
+        "--journal",
+        str(OUT / "stdlib.db"),
+        "--results",
+        str(OUT / "results"),
+        "--",
+        *CHECK,
+        "{}",
+        "::::",
+        str(file_list),
+        check=True,
     )
     run_cli("status", "--json", str(OUT / "stdlib.db"))
 

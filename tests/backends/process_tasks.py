@@ -1,10 +1,10 @@
 """Tasks for the process backend tests.
 
 They live in an importable module because worker processes load a task by
-its module and name. Tasks that must coordinate with a test talk to it
-through named pipes (FIFOs), whose paths travel in the payload: a task
-writes a line to an events FIFO to say where it is, and reads a byte from a
-gate FIFO to wait until the test lets it go on.
+its module and name. Tasks that coordinate with a test use named pipes
+(FIFOs) whose paths travel in the payload. A task writes a line to an events
+FIFO to report its progress, and reads a byte from a gate FIFO to wait until
+the test lets it continue.
 """
 
 from __future__ import annotations
@@ -44,7 +44,11 @@ def describe_context(x: int, context: Context) -> tuple[int, str, int, int]:
 
 
 class TwoArgumentError(Exception):
-    """An exception that cannot be unpickled: pickle calls it with one argument."""
+    """An exception that cannot be unpickled.
+
+    Its ``args`` contain one value, so unpickling calls ``__init__`` with one
+    argument where it requires two.
+    """
 
     def __init__(self, code: int, detail: str) -> None:
         super().__init__(f"code {code}: {detail}")
@@ -76,7 +80,7 @@ def _explode() -> None:
 
 
 class UnpicklableHere:
-    """Pickles anywhere, but unpickling it raises RuntimeError."""
+    """An object that pickles anywhere but raises RuntimeError when unpickled."""
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_explode, ())
@@ -89,7 +93,7 @@ def _rebuild_unless_in(pid: int) -> UnpicklableInProcess:
 
 
 class UnpicklableInProcess:
-    """Pickles anywhere, but unpickling it in process ``pid`` raises RuntimeError."""
+    """An object that raises RuntimeError when unpickled in process ``pid``."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -103,9 +107,24 @@ def return_unpicklable_in(pid: int) -> UnpicklableInProcess:
     return UnpicklableInProcess(pid)
 
 
+class ExitOnLoad:
+    """A callable task whose unpickling ends the process with exit status 7."""
+
+    def __call__(self, x: int) -> int:
+        return x
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os._exit, (7,))
+
+
 def identity(x: Any) -> Any:
     """Return the payload as it arrived."""
     return x
+
+
+def make_bytes(size: int) -> bytes:
+    """Return ``size`` bytes of a repeating pattern."""
+    return bytes(range(256)) * (size // 256) + bytes(size % 256)
 
 
 def _send_event(events: str, line: str) -> None:
@@ -118,20 +137,23 @@ def _wait_at_gate(gate: str) -> None:
     try:
         ready, _, _ = select.select([descriptor], [], [], GATE_TIMEOUT)
         if not ready:
-            raise TimeoutError(f"nobody opened the gate {gate}")
+            raise TimeoutError(f"timed out after {GATE_TIMEOUT:g} s at the gate {gate}")
         os.read(descriptor, 1)
     finally:
         os.close(descriptor)
 
 
 def run_once(payload: tuple[str, int, str]) -> tuple[int, int]:
-    """Mark item ``x`` as run, act as told, and return ``x`` and the pid.
+    """Mark item ``x`` as run, perform ``action``, and return ``x`` and the pid.
 
     The payload is ``(directory, x, action)``. The marker file is created
     with O_EXCL, so an item that runs a second time raises FileExistsError.
-    Actions: ``""`` does nothing more; ``sigkill``, ``sigsegv`` and ``exit3``
-    end the worker process; ``block:<events>:<gate>`` sends the event
-    ``started <x> <pid>`` and then waits at the gate.
+    The actions are:
+
+    * ``""``: nothing more.
+    * ``sigkill``, ``sigsegv``, ``exit3``: end the worker process that way.
+    * ``block:<events>:<gate>``: send the event ``started <x> <pid>``, then
+      wait at the gate.
     """
     directory, x, action = payload
     marker = os.open(
@@ -152,12 +174,13 @@ def run_once(payload: tuple[str, int, str]) -> tuple[int, int]:
 
 
 def hold_slot(payload: tuple[str, int, str, str]) -> int:
-    """Occupy the lowest free slot while waiting at the gate; return the slot.
+    """Hold the lowest free slot while waiting at the gate, then return the slot.
 
-    The payload is ``(directory, x, events, gate)``. Slots are files created
-    with O_EXCL, so two items that execute at the same time never share one,
-    and the highest slot seen is the highest number of items that executed
-    at once, minus one.
+    The payload is ``(directory, x, events, gate)``, and the event sent is
+    ``started <x> <slot> <pid>``. Slots are files created with O_EXCL, so two
+    items that execute at the same time never share one, and the highest
+    slot seen is the highest number of items that executed at once, minus
+    one.
     """
     directory, x, events, gate = payload
     slot = 0
@@ -170,7 +193,7 @@ def hold_slot(payload: tuple[str, int, str, str]) -> int:
             continue
         break
     try:
-        _send_event(events, f"started {x} {slot}")
+        _send_event(events, f"started {x} {slot} {os.getpid()}")
         _wait_at_gate(gate)
     finally:
         os.unlink(path)

@@ -73,6 +73,9 @@ class ThreadBackend(Backend):
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._abandoned: set[Call] = set()
+        # The call each thread is executing, so that `aclose` can tell the
+        # threads stuck in an abandoned attempt from those about to exit.
+        self._executing: dict[threading.Thread, Call] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_error: BaseException | None = None
 
@@ -110,13 +113,14 @@ class ThreadBackend(Backend):
             raise call.cancel_error from None
 
     def cancel(self, call: Call, error: BaseException) -> None:
-        call.cancel_error = error
+        future = call.handle
+        with self._lock:
+            call.cancel_error = error
+            if isinstance(future, asyncio.Future) and not future.done():
+                self._abandoned.add(call)
         if self._task.wants_context and call.context.cancelled is not None:
             call.context.cancelled.set()
-        future = call.handle
         if isinstance(future, asyncio.Future) and not future.done():
-            with self._lock:
-                self._abandoned.add(call)
             future.set_exception(error)
 
     def stop_queued(self, error: BaseException) -> None:
@@ -125,12 +129,18 @@ class ThreadBackend(Backend):
     async def aclose(self, *, cancel: bool) -> None:
         for _ in self._threads:
             self._inbox.put(_STOP)
-        if cancel:
-            # Threads cannot be killed; daemon threads still running an
-            # abandoned attempt are left to finish on their own.
-            return
+        with self._lock:
+            stuck = {
+                thread
+                for thread, call in self._executing.items()
+                if call in self._abandoned
+            }
+        # Threads cannot be killed. A thread that runs an abandoned attempt
+        # (timed out or cancelled) may never return, so the run ends without
+        # it and the report counts it. The other threads are joined.
         for thread in self._threads:
-            await asyncio.to_thread(thread.join)
+            if thread not in stuck:
+                await asyncio.to_thread(thread.join)
 
     def statistics(self) -> BackendStatistics:
         with self._lock:
@@ -142,16 +152,23 @@ class ThreadBackend(Backend):
     def _work(self) -> None:
         function = self._task.function
         wants_context = self._task.wants_context
+        me = threading.current_thread()
         while True:
             entry = self._inbox.get()
             if entry is _STOP:
                 return
             call, future = entry
-            if call.cancel_error is not None:
-                continue
-            if self._stop_error is not None:
+            if self._stop_error is not None and call.cancel_error is None:
                 self._deliver(call, future, False, self._stop_error)
                 continue
+            with self._lock:
+                # Checked under the lock that `cancel` takes. A call cancelled
+                # before it started is skipped and not counted as abandoned,
+                # and `aclose` sees a call cancelled later as executing.
+                if call.cancel_error is not None:
+                    self._abandoned.discard(call)
+                    continue
+                self._executing[me] = call
             try:
                 if wants_context:
                     value = function(call.payload, context=call.context)
@@ -166,6 +183,7 @@ class ThreadBackend(Backend):
         self, call: Call, future: asyncio.Future[Any], ok: bool, value: Any
     ) -> None:
         with self._lock:
+            self._executing.pop(threading.current_thread(), None)
             self._abandoned.discard(call)
             self._done.append((future, ok, value))
             if self._wakeup_pending:

@@ -2,9 +2,9 @@
 
 This backend is written by hand rather than on `ProcessPoolExecutor` because
 the engine needs supervision that the executor does not offer. When a worker
-dies, the executor marks the whole pool as broken and cannot say which item
-killed it. Here only the item that was executing fails, with
-`WorkerLostError`; the items its worker had finished keep their results, the
+dies, the executor marks the whole pool as broken and cannot report which
+item killed it. Here only the item that was executing fails, with
+`WorkerLostError`. The items its worker had finished keep their results, the
 items it had not started go back to the queue, and a replacement worker
 starts. Chunks are sized from the measured duration of recent items, so tiny
 items travel hundreds at a time and slow ones one by one, and a single
@@ -20,8 +20,10 @@ Data flow for one worker::
         journal (shared memory too)                        |
                                                           v
     future <- results message <- outbox pipe <- journal, sent at the end of
-                                                 the chunk, every 50 ms and
-                                                 whenever it is full
+                                                 the chunk, when it is full,
+                                                 and after any item that ends
+                                                 50 ms or more after the
+                                                 previous send
 
     worker exits (its sentinel becomes readable) -> read what is left in the
         outbox, then the journal and the control block: finished items keep
@@ -39,6 +41,7 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
+import logging
 import multiprocessing
 import multiprocessing.util
 import os
@@ -67,27 +70,34 @@ from batchtools._exceptions import (
 )
 from batchtools.backends._base import Backend, BackendStatistics, Call, TaskSpec
 
+logger = logging.getLogger(__name__)
+
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 CAPACITY_PER_WORKER = 256
-"""Attempts the engine may hand over per worker; the surplus feeds the chunks."""
+"""Attempts the engine may hand over per worker. The surplus fills the chunks."""
 
 _TARGET_CHUNK_SECONDS = 0.02  # the work one chunk should carry
-_MAX_CHUNK = 1000  # items per chunk; also the size of each skip-flag region
-_PREFETCH_MAX_ITEM_SECONDS = 0.01  # slower items get no second chunk queued
+_MAX_CHUNK = 1000  # items per chunk, and the size of each skip-flag region
+# Items slower than this on average get no second chunk queued at the worker.
+_PREFETCH_MAX_ITEM_SECONDS = 0.01
 _SMOOTHING = 0.5  # weight of the newest sample in the item-duration average
-_FLUSH_SECONDS = 0.05  # a worker sends its journal at least this often
+# A worker sends its journal after an item when this long has passed since
+# its previous send, so the parent receives results during long chunks.
+_FLUSH_SECONDS = 0.05
 _JOURNAL_BYTES = 256 * 1024
-_MAX_STARTUP_FAILURES = 3  # deaths before "ready", in a row, that end the run
+# Consecutive worker deaths before the ready message that end the run.
+_MAX_STARTUP_FAILURES = 3
+# How often _acquire checks whether a worker died while holding its lock.
 _LOCK_POLL_SECONDS = 0.01
 _READ_BYTES = 65536  # the default capacity of a Linux pipe
-_READS_PER_WAKEUP = 16  # bounds the time one busy pipe holds the loop
+_READS_PER_WAKEUP = 16  # bounds the time one busy pipe keeps the event loop
 
 # The control block: three int64 fields that the worker writes and the parent
 # reads, under the worker's lock while the worker is alive.
 _H_SEQ = 0  # sequence number of the chunk the worker is in, -1 before any
 # 2 * index + 1 while item ``index`` of that chunk executes, 2 * index once
-# its result is in the journal; -2 before the first item.
+# its result is in the journal, and -2 before the first item.
 _H_STATE = 1
 _H_JOURNAL_END = 2  # end of the committed frames in the journal, in bytes
 _HEADER_FIELDS = 4  # one spare field keeps the skip flags 8-byte aligned
@@ -104,7 +114,7 @@ _BLOCK_BYTES = _JOURNAL_OFFSET + _JOURNAL_BYTES
 _LENGTH = struct.Struct("!i")
 _LONG_LENGTH = struct.Struct("!Q")
 _READY = ord("R")  # worker: the task is loaded
-_LOAD_FAILED = ord("L")  # worker: the task cannot be loaded; an encoded error
+_LOAD_FAILED = ord("L")  # worker: kind, then why the task cannot be loaded
 _CHUNK = ord("C")  # parent: kind, seq, then the pickled list of items
 _STOP = ord("S")  # parent: exit after the chunks already sent
 _UNDECODABLE = ord("U")  # worker: kind, seq, then the encoded unpickling error
@@ -119,7 +129,8 @@ _FAILED = 1
 # can send the journal as one message without copying it.
 _FRAMES_START = _RESULTS_HEADER.size
 
-# What the parent can say about an item sent to a worker.
+# Progress of an item sent to a worker, as the parent reads it from the
+# control block.
 _NOT_STARTED = 0
 _EXECUTING = 1
 _FINISHED = 2
@@ -142,8 +153,8 @@ def check_picklable(task: TaskSpec) -> bytes:
     except Exception as error:
         raise ConfigurationError(
             f"task {task.name} cannot be sent to worker processes because it cannot "
-            f"be pickled ({type(error).__name__}: {error}); define the task at "
-            "module level and keep locks, open files and connections out of it"
+            f"be pickled ({type(error).__name__}: {error}). Define the task at "
+            "module level, and keep locks, open files and connections out of it"
         ) from error
     return data
 
@@ -203,7 +214,7 @@ class _SharedBlock:
             return _NOT_STARTED
         if index == started and state & 1:
             return _EXECUTING
-        return _FINISHED  # or skipped, which the parent already knows
+        return _FINISHED  # or skipped, which the parent recorded in the flag
 
 
 # --- Worker side -------------------------------------------------------------
@@ -213,7 +224,7 @@ def _encode_error(error: BaseException) -> bytes:
     """Pickle an exception with its type name, message and formatted traceback.
 
     The exception itself is included only when it survives a pickle round
-    trip here; otherwise the parent builds a `RemoteError` from the strings.
+    trip here. Otherwise the parent builds a `RemoteError` from the strings.
     """
     # The first frame is the worker loop that caught the exception.
     frames = error.__traceback__.tb_next if error.__traceback__ else None
@@ -317,6 +328,8 @@ class _ChunkRunner:
             header[_H_JOURNAL_END] = end
             header[_H_STATE] = 2 * index
 
+            # NOTE: between sends, results wait in the journal. A quick item
+            # chunked just before a slow one is reported when the slow one ends.
             now = clock()
             if now >= flush_at:
                 self._flush(seq, end, False, now - since, executed)
@@ -335,8 +348,9 @@ class _ChunkRunner:
         self.block.header[_H_JOURNAL_END] = _FRAMES_START
 
     def _send_alone(self, seq: int, status: int, index: int, data: bytes) -> None:
-        # NOTE: a result too large for the journal is only in this message. If
-        # the worker dies while sending it, the item fails with WorkerLostError.
+        # NOTE: a result too large for the journal exists only in this message.
+        # If the worker dies while sending it, the item fails with
+        # WorkerLostError although the task returned.
         head = _RESULTS_HEADER.pack(_RESULTS, seq, False, 0.0, 0)
         self.outbox.send_bytes(head + _FRAME.pack(status, index, len(data)) + data)
 
@@ -358,7 +372,7 @@ def _worker_main(
     shared: ctypes.Array[ctypes.c_ubyte],
     lock: ProcessLock,
 ) -> None:
-    """Load the task, then execute the chunks that arrive until told to stop.
+    """Load the task, then execute chunks until the parent sends the stop message.
 
     This is the target of every worker process.
     """
@@ -457,8 +471,8 @@ def _kill_workers_at_exit() -> None:
         backend._kill_all()
 
 
-# multiprocessing.util registered its exit hook on import, above; atexit runs
-# hooks in reverse order, so this one runs first.
+# multiprocessing.util registered its exit hook when it was imported above.
+# atexit runs hooks in reverse order, so this one runs first.
 atexit.register(_kill_workers_at_exit)
 
 
@@ -466,8 +480,8 @@ class ProcessBackend(Backend):
     """Runs a picklable Python task in ``concurrency`` forkserver processes.
 
     At most ``concurrency`` attempts execute at once, one per worker. The
-    engine may hand over `capacity` attempts; the rest wait in the parent or
-    in a worker's next chunk.
+    engine may hand over `capacity` attempts, and the rest wait in the parent
+    or in a worker's next chunk.
     """
 
     name = "process"
@@ -485,7 +499,8 @@ class ProcessBackend(Backend):
         self._dispatch_pending = False
         self._in_flight = 0  # calls in outstanding chunks
         self._item_seconds: float | None = None  # average duration of one item
-        self._refusal: BaseException | None = None  # the error for new calls
+        # The error for new calls and for calls that can no longer start.
+        self._stop_error: BaseException | None = None
         self._closing = False
         self._startup_failures = 0
         self._workers_started = 0
@@ -511,7 +526,7 @@ class ProcessBackend(Backend):
         self._loop = asyncio.get_running_loop()
         self._context = multiprocessing.get_context("forkserver")
         _live_backends.add(self)
-        for slot in range(self.concurrency):
+        for _ in range(self.concurrency):
             array = self._context.RawArray(ctypes.c_ubyte, _BLOCK_BYTES)
             self._blocks.append(_SharedBlock(array))
             self._workers.append(None)
@@ -523,8 +538,10 @@ class ProcessBackend(Backend):
             raise
 
     async def execute(self, call: Call) -> Any:
-        if self._refusal is not None:
-            raise self._refusal.with_traceback(None)
+        if call.cancel_error is not None:
+            raise call.cancel_error
+        if self._stop_error is not None:
+            raise self._stop_error.with_traceback(None)
         loop = self._loop
         assert loop is not None, "start() must be called before execute()"
         future: asyncio.Future[_Outcome] = loop.create_future()
@@ -536,7 +553,7 @@ class ProcessBackend(Backend):
         ok, value = await future
         if ok:
             return value
-        # A shared error instance (a cancel error, a refusal) would otherwise
+        # A shared error instance (a cancel error, the stop error) would otherwise
         # collect one traceback entry per attempt that raises it.
         raise value.with_traceback(None)
 
@@ -565,8 +582,8 @@ class ProcessBackend(Backend):
             worker.lock.release()
 
     def stop_queued(self, error: BaseException) -> None:
-        if self._refusal is None:
-            self._refusal = error
+        if self._stop_error is None:
+            self._stop_error = error
         self._fail_queue(error)
         for worker in self._workers:
             if worker is not None:
@@ -576,18 +593,18 @@ class ProcessBackend(Backend):
         if not self._closing:
             self._closing = True
             _live_backends.discard(self)
-            if self._refusal is None:
-                self._refusal = RuntimeError(
-                    "the process backend was closed before this attempt started"
+            if self._stop_error is None:
+                self._stop_error = RuntimeError(
+                    "the process backend was closed before this attempt finished"
                 )
-            self._fail_queue(self._refusal)
+            self._fail_queue(self._stop_error)
             for worker in self._workers:
                 if worker is None:
                     continue
                 if cancel:
                     self._kill(worker)
                 else:
-                    self._skip_unstarted(worker, self._refusal)
+                    self._skip_unstarted(worker, self._stop_error)
                     self._send(worker, [bytes([_STOP])])
                     worker.stopping = True
         workers = [worker for worker in self._workers if worker is not None]
@@ -610,6 +627,7 @@ class ProcessBackend(Backend):
     # --- Workers ---------------------------------------------------------
 
     def _start_worker(self, slot: int) -> None:
+        """Start a worker process in ``slot`` with new pipes and a new lock."""
         context = self._context
         loop = self._loop
         assert context is not None and loop is not None
@@ -618,6 +636,7 @@ class ProcessBackend(Backend):
         worker_inbox, inbox = context.Pipe(duplex=False)
         outbox, worker_outbox = context.Pipe(duplex=False)
         lock = context.Lock()
+
         process = context.Process(
             target=_worker_main,
             args=(
@@ -640,6 +659,7 @@ class ProcessBackend(Backend):
         finally:
             worker_inbox.close()
             worker_outbox.close()
+
         os.set_blocking(inbox.fileno(), False)
         os.set_blocking(outbox.fileno(), False)
         worker = _Worker(slot, process, inbox, outbox, lock, loop.create_future())
@@ -649,7 +669,7 @@ class ProcessBackend(Backend):
         loop.add_reader(process.sentinel, self._on_exit, worker)
 
     def _acquire(self, worker: _Worker) -> bool:
-        """Take the worker's lock; return False if the worker exited instead.
+        """Take the worker's lock, or return False if the worker has exited.
 
         The worker holds the lock for a few statements only, but it may have
         been killed while holding it.
@@ -690,7 +710,22 @@ class ProcessBackend(Backend):
             process.join()
             exit_status = process.exitcode if process.exitcode is not None else 255
         self._drain(worker)
-        self._harvest(worker, exit_status)
+        lost = self._harvest(worker, exit_status)
+        if lost is not None:
+            logger.warning(
+                "task %s: %s (pid %s) during the attempt for key %s",
+                self._task.name,
+                WorkerLostError(exit_status),
+                process.pid,
+                lost.context.key,
+            )
+        elif not (worker.killed or worker.stopping or self._stop_error is not None):
+            logger.warning(
+                "task %s: %s (pid %s) while no attempt was executing",
+                self._task.name,
+                WorkerLostError(exit_status),
+                process.pid,
+            )
         loop.remove_reader(worker.outbox.fileno())
         loop.remove_writer(worker.inbox.fileno())
         worker.output.clear()
@@ -703,8 +738,13 @@ class ProcessBackend(Backend):
         self._replace(worker, exit_status)
         self._schedule_dispatch()
 
-    def _harvest(self, worker: _Worker, exit_status: int) -> None:
-        """Settle the calls of an exited worker from its journal and control block."""
+    def _harvest(self, worker: _Worker, exit_status: int) -> Call | None:
+        """Settle the calls of an exited worker from its journal and control block.
+
+        Returns:
+            The call that failed with WorkerLostError, if any.
+        """
+        lost = None
         block = self._blocks[worker.slot]
         header = block.header
         chunk = worker.chunks.get(header[_H_SEQ])
@@ -716,8 +756,9 @@ class ProcessBackend(Backend):
                 if not running.handle.done() and not worker.killed:
                     self._workers_lost += 1
                     running.handle.set_result((False, WorkerLostError(exit_status)))
-        # What is left had not started, or was executing when this backend
-        # killed the worker for another reason than its own cancel.
+                    lost = running
+        # The calls left had not started, or were executing when
+        # aclose(cancel=True) killed the worker.
         unstarted = [
             call
             for chunk in worker.chunks.values()
@@ -727,39 +768,44 @@ class ProcessBackend(Backend):
         for chunk in worker.chunks.values():
             self._in_flight -= len(chunk.calls)
         worker.chunks.clear()
-        if self._refusal is not None:
+        if self._stop_error is not None:
             for call in unstarted:
-                call.handle.set_result((False, self._refusal))
+                call.handle.set_result((False, self._stop_error))
         else:
             self._queue.extendleft(reversed(unstarted))
+        return lost
 
     def _replace(self, worker: _Worker, exit_status: int) -> None:
-        if self._closing or self._refusal is not None:
+        if self._closing or self._stop_error is not None:
             return
         if not worker.ready and not worker.killed:
             self._startup_failures += 1
             if self._startup_failures >= _MAX_STARTUP_FAILURES:
-                self._abort(
-                    RunAbortedError(
-                        f"worker processes for task {self._task.name} exited during "
-                        f"startup {self._startup_failures} times in a row (last "
-                        f"{WorkerLostError(exit_status)}); see their error output"
-                    )
+                error = RunAbortedError(
+                    f"worker processes for task {self._task.name} exited during "
+                    f"startup {self._startup_failures} times in a row (last "
+                    f"{WorkerLostError(exit_status)}). Their stderr shows why"
                 )
+                logger.error("%s", error)
+                self._abort(error)
                 return
         try:
             self._start_worker(worker.slot)
-        except Exception as error:
-            self._abort(
-                RunAbortedError(
-                    f"a replacement worker process failed to start: {error}"
-                )
+        except Exception as cause:
+            logger.exception(
+                "task %s: failed to start a replacement worker process",
+                self._task.name,
             )
+            error = RunAbortedError(
+                f"a replacement worker process failed to start: {cause}"
+            )
+            error.__cause__ = cause
+            self._abort(error)
 
     def _abort(self, error: BaseException) -> None:
         """Fail the queued calls and every later call with ``error``."""
-        if self._refusal is None:
-            self._refusal = error
+        if self._stop_error is None:
+            self._stop_error = error
         self._fail_queue(error)
 
     # --- Sending -----------------------------------------------------------
@@ -772,7 +818,7 @@ class ProcessBackend(Backend):
     def _dispatch(self) -> None:
         """Send chunks from the queue to workers that have room for one."""
         self._dispatch_pending = False
-        if self._refusal is not None:
+        if self._stop_error is not None:
             return
         average = self._item_seconds
         depth = 2 if average is not None and average < _PREFETCH_MAX_ITEM_SECONDS else 1
@@ -816,8 +862,8 @@ class ProcessBackend(Backend):
                 queue.popleft()
                 continue
             if call.timeout is not None or (solo and call in solo):
-                # A call with a timeout travels alone: its timer already runs,
-                # and a neighbour must not wait behind it or die with it.
+                # A call with a timeout travels alone because its timer already
+                # runs, and a neighbour must not wait behind it or die with it.
                 if calls:
                     break
                 queue.popleft()
@@ -840,25 +886,36 @@ class ProcessBackend(Backend):
         self._send(worker, [_CHUNK_HEADER.pack(_CHUNK, seq), data])
 
     def _pickle_items(self, calls: list[Call]) -> tuple[list[Call], bytes]:
-        """Pickle the items of ``calls``, failing the calls whose item cannot be."""
-        try:
+        """Pickle the items of ``calls`` and return the calls sent with the bytes.
+
+        A call whose item cannot be pickled fails with PicklingError instead.
+        """
+        with contextlib.suppress(Exception):
             return calls, pickle.dumps(self._items(calls), _PROTOCOL)
-        except Exception:
-            pass  # find the culprits below
-        kept: list[Call] = []
+        picklable: list[Call] = []
         for call in calls:
             try:
                 pickle.dumps(self._items([call]), _PROTOCOL)
             except Exception as error:
-                failure = pickle.PicklingError(
-                    f"the item cannot be pickled to send it to a worker process "
-                    f"({type(error).__name__}: {error})"
-                )
-                failure.__cause__ = error
-                call.handle.set_result((False, failure))
+                self._fail_unpicklable(call, error)
             else:
-                kept.append(call)
-        return kept, pickle.dumps(self._items(kept), _PROTOCOL)
+                picklable.append(call)
+        try:
+            return picklable, pickle.dumps(self._items(picklable), _PROTOCOL)
+        except Exception as error:
+            # The items pickle one by one but not together. Failing them all
+            # is better than losing them.
+            for call in picklable:
+                self._fail_unpicklable(call, error)
+            return [], b""
+
+    def _fail_unpicklable(self, call: Call, error: Exception) -> None:
+        failure = pickle.PicklingError(
+            f"the item cannot be pickled to send it to a worker process "
+            f"({type(error).__name__}: {error})"
+        )
+        failure.__cause__ = error
+        call.handle.set_result((False, failure))
 
     def _items(self, calls: list[Call]) -> list[Any]:
         if self._task.wants_context:
@@ -888,7 +945,7 @@ class ProcessBackend(Backend):
             except BlockingIOError:
                 break
             except OSError:
-                # The worker is gone; its exit handler re-queues the chunk.
+                # The worker is gone, and its exit handler re-queues the chunk.
                 output.clear()
                 break
             while written:
@@ -914,7 +971,8 @@ class ProcessBackend(Backend):
             except BlockingIOError:
                 return
             if not data:
-                # End of file: the worker exited; its sentinel handler takes over.
+                # End of file: the worker exited, and its sentinel handler
+                # takes over.
                 assert self._loop is not None
                 self._loop.remove_reader(fd)
                 return
@@ -984,10 +1042,11 @@ class ProcessBackend(Backend):
             cause = self._decode_error(message[1:])
             error = ConfigurationError(
                 f"task {self._task.name} cannot be loaded in a worker process "
-                f"({type(cause).__name__}: {cause}); define the task at module level "
+                f"({type(cause).__name__}: {cause}). Define the task at module level "
                 "in a module that worker processes can import"
             )
             error.__cause__ = cause
+            logger.error("%s", error)
             self._abort(error)
 
     def _on_results(self, worker: _Worker, message: memoryview) -> None:
@@ -1097,7 +1156,7 @@ class ProcessBackend(Backend):
     def _skip_unstarted(self, worker: _Worker, error: BaseException) -> None:
         """Fail with ``error`` the worker's calls that it has not started."""
         if worker.killed or not worker.chunks or not self._acquire(worker):
-            return  # an exited worker's handler fails them with the refusal
+            return  # the exit handler fails them with the stop error
         try:
             block = self._blocks[worker.slot]
             for chunk in worker.chunks.values():

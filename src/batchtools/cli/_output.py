@@ -65,6 +65,10 @@ class OutputWriter:
                 self._stdout_gone()
 
     def on_outcome(self, outcome: Outcome) -> None:
+        if outcome.source == "journal":
+            # Finished in an earlier session, which printed its output and
+            # kept its files. The journal has no output to write again.
+            return
         result = _result_of(outcome)
         try:
             if result is not None:

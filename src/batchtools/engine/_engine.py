@@ -312,6 +312,7 @@ class Engine:
         for observer in self.observers:
             observer.on_start(self)
         sweeper = loop.create_task(self._sweep()) if self.settings.timeout else None
+        watchdog = loop.create_task(_watch_stalls())
         try:
             await self.backend.start()
             workers = [
@@ -326,6 +327,7 @@ class Engine:
                 await asyncio.gather(*workers, return_exceptions=True)
                 raise
         finally:
+            watchdog.cancel()
             if sweeper is not None:
                 sweeper.cancel()
             await self.backend.aclose(
@@ -381,11 +383,11 @@ class Engine:
         simple = not (self._prefetch or self.settings.ordered or self._backlog)
         while True:
             if simple and ready and not self._retry_ready and self._stopping is None:
-                job: _Job | None = ready.popleft()
-            else:
-                job = await self._next_job()
-                if job is None:
-                    return
+                await self._attempt(ready.popleft(), owner)
+                continue
+            job = await self._next_job()
+            if job is None:
+                return
             await self._attempt(job, owner)
 
     async def _next_job(self) -> _Job | None:
@@ -573,9 +575,15 @@ class Engine:
         began = time.perf_counter()
         try:
             value = await self.backend.execute(call)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as error:
             del self._active[call]
-            raise
+            current = asyncio.current_task()
+            if current is None or current.cancelling():
+                raise
+            # The worker was not cancelled, so the task itself raised
+            # CancelledError. That fails the attempt, which is never retried.
+            self._failed(job, error, started, time.perf_counter() - began)
+            return
         except BaseException as error:
             del self._active[call]
             self._failed(job, error, started, time.perf_counter() - began)
@@ -639,6 +647,15 @@ class Engine:
         self, job: _Job, value: Any, started: float, duration: float
     ) -> None:
         assert job.members is not None
+        if self.backend.name == "subprocess":
+            # One command ran for the whole batch: its output belongs to the
+            # batch's first item, so it is printed and kept once.
+            values = [value] + [None] * (len(job.members) - 1)
+            for member, member_value in zip(job.members, values, strict=True):
+                member.attempt = job.attempt
+                member.attempts = job.attempts
+                self._succeeded(member, member_value, started, duration)
+            return
         try:
             values = results_per_item(value, job.members)
         except TypeError as error:
@@ -906,6 +923,21 @@ class Engine:
 def _set_result(future: asyncio.Future[Any], value: Any = None) -> None:
     if not future.done():
         future.set_result(value)
+
+
+async def _watch_stalls(period: float = 0.25, limit: float = 1.0) -> None:
+    """Log when the event loop was blocked for longer than ``limit`` seconds."""
+    while True:
+        before = time.monotonic()
+        await asyncio.sleep(period)
+        lag = time.monotonic() - before - period
+        if lag > limit:
+            log.warning(
+                "the event loop was blocked for %.1f s; a task or an input "
+                "iterator is blocking it (sync code belongs on the thread or "
+                "process backend)",
+                lag,
+            )
 
 
 def _block_size(batch_size: int) -> int:

@@ -19,6 +19,7 @@ uncommitted group: at-least-once, never a false success.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -286,7 +287,15 @@ def item_history(
     journal_path = Path(path)
     conn = _connect(journal_path, readonly=True)
     try:
-        row = conn.execute(sql.SELECT_ITEM_BY_KEY, (key,)).fetchone()
+        # A repeated item's key is its digest with "-N" appended.
+        base = key.rsplit("-", 1)[0] if key.rsplit("-", 1)[-1].isdigit() else key
+        row = None
+        for digest in dict.fromkeys((key, base)):
+            row = conn.execute(
+                sql.SELECT_ITEM_BY_KEY, (digest_hash(digest), key)
+            ).fetchone()
+            if row is not None:
+                break
         if row is None:
             return None
         attempts = conn.execute(sql.SELECT_ATTEMPTS, (row[0],)).fetchall()
@@ -437,6 +446,7 @@ class Journal:
         lock = _take_lock(journal_path)
         if signature is not None and run.signature != signature and not force:
             lock.release()
+            _remove_pid_file(journal_path)
             raise JournalMismatchError(
                 str(journal_path),
                 "it records a different run (another command, task or options); "
@@ -785,11 +795,16 @@ class _GroupWriter:
         self.updates[seq] = row
 
     def _write_staged(self) -> None:
-        if self.staged:
-            rows = json.dumps(list(self.staged.values()))
-            self.conn.execute(sql.INSERT_STAGED_ITEMS, (rows,))
-            self.staged.clear()
-            self.staged_keys.clear()
+        if not self.staged:
+            return
+        rows = list(self.staged.values())
+        size = sql.STAGED_ROWS_PER_STATEMENT
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
+            values = [v for row in chunk for v in (*row, digest_hash(row[2]))]
+            self.conn.execute(sql.insert_staged(len(chunk)), values)
+        self.staged.clear()
+        self.staged_keys.clear()
 
     def _write_updates(self) -> None:
         if self.updates:
@@ -856,6 +871,10 @@ class _GroupWriter:
             self.conn.execute(sql.CLAIM_SEQS, (session, json.dumps(claimed)))
         if new:
             self._stage_new(rows, new, result)
+        if moved:
+            # Moved items are matched and numbered by queries, which must
+            # see the rows just staged.
+            self._write_staged()
         for index in moved:
             result[index] = self._match_moved(rows[index])
         return [row for row in result if row is not None]
@@ -866,14 +885,21 @@ class _GroupWriter:
         indexes: list[int],
         result: list[ItemRow | None],
     ) -> None:
-        digests = json.dumps([rows[i][2] for i in indexes])
-        taken = {key for (key,) in self.conn.execute(sql.EXISTING_KEYS, (digests,))}
+        wanted = json.dumps([[digest_hash(rows[i][2]), rows[i][2]] for i in indexes])
+        taken = {
+            digest for (digest,) in self.conn.execute(sql.EXISTING_DIGESTS, (wanted,))
+        }
         for i in indexes:
             seq, text, digest = rows[i]
             if digest in taken or digest in self.staged_keys:
-                # A repeated item: rare, so take the slow, exact path.
+                # A repeated item, or on resume an item that moved past the
+                # rows read before. Both are rare, so take the slow, exact
+                # path, which claims an unclaimed row or numbers a new copy.
+                # Writing the staged rows clears `staged_keys`, so `taken`
+                # keeps their keys for the later items of this block.
+                taken |= self.staged_keys
                 self._write_staged()
-                result[i] = self._insert_duplicate(seq, text, digest)
+                result[i] = self._match_moved(rows[i])
                 continue
             self.staged_keys.add(digest)
             self.staged[seq] = [
@@ -899,14 +925,19 @@ class _GroupWriter:
             # item already: give this one the next free position.
             (last,) = self.conn.execute(sql.MAX_SEQ).fetchone()
             seq = last + 1
-        (count,) = self.conn.execute(sql.COUNT_DIGEST, (digest,)).fetchone()
+        dhash = digest_hash(digest)
+        (count,) = self.conn.execute(sql.COUNT_DIGEST, (dhash, digest)).fetchone()
         key = f"{digest}-{count}" if count else digest
-        self.conn.execute(sql.INSERT_ITEM, (seq, key, digest, text, self.session))
+        self.conn.execute(
+            sql.INSERT_ITEM, (seq, key, digest, dhash, text, self.session)
+        )
         return ItemRow(seq=seq, key=key, state="pending")
 
     def _match_moved(self, row: tuple[int, str, str]) -> ItemRow:
         seq, text, digest = row
-        found = self.conn.execute(sql.FIND_UNCLAIMED, (digest, self.session)).fetchone()
+        found = self.conn.execute(
+            sql.FIND_UNCLAIMED, (digest_hash(digest), digest, self.session)
+        ).fetchone()
         if found is None:
             return self._insert_duplicate(seq, text, digest)
         self.conn.execute(sql.CLAIM_SEQ, (self.session, found[0]))
@@ -921,6 +952,17 @@ class _GroupWriter:
             reason=found[7],
             new=False,
         )
+
+
+def digest_hash(digest: str) -> int:
+    """Return the signed 64-bit hash of a digest that the journal indexes."""
+    if len(digest) >= 16:
+        try:
+            return int(digest[:16], 16) - (1 << 63)
+        except ValueError:
+            pass  # A key function's text: hash it like any other text.
+    raw = hashlib.blake2b(digest.encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(raw.digest(), "big") - (1 << 63)
 
 
 class _DigestFilter:

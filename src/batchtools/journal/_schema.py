@@ -6,6 +6,11 @@ Attempts that failed get a row each; the last attempt of an item lives in
 its ``items`` row. ``claimed`` is the session that last read the item from
 the input, so that a resume can tell items it has matched from those it
 has not.
+
+Items are found by content through ``dhash``, a 64-bit hash of the digest
+shared by all copies of an item. An index over it costs about half as much
+to keep up as one over the 32-character keys: new items land on random
+pages of any such index, and every page touched is rewritten at commit.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ CREATE = (
     )""",
     """CREATE TABLE items (
         seq INTEGER PRIMARY KEY,
-        key TEXT NOT NULL UNIQUE,
+        key TEXT NOT NULL,
         digest TEXT NOT NULL,
+        dhash INTEGER NOT NULL,
         item TEXT NOT NULL,
         state TEXT NOT NULL,
         attempts INTEGER NOT NULL DEFAULT 0,
@@ -52,6 +58,7 @@ CREATE = (
         ended REAL,
         claimed INTEGER NOT NULL DEFAULT 0
     )""",
+    "CREATE INDEX items_dhash ON items (dhash)",
     """CREATE TABLE attempts (
         seq INTEGER NOT NULL,
         number INTEGER NOT NULL,
@@ -91,42 +98,33 @@ INSERT_EVENT = """
 # One statement per group: json_each unpacks a JSON array of rows in C, so
 # the sqlite3 module does not release and retake the GIL once per row.
 # Each row is [seq, key, digest, item, session].
-INSERT_NEW_ITEMS = """
-    INSERT OR IGNORE INTO items (seq, key, digest, item, state, claimed)
-    SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3,
-           'pending', j.value ->> 4
-    FROM json_each(?) AS j
+STAGED_COLUMNS = (
+    "seq, key, digest, item, claimed, state, attempts, lost_workers, value, "
+    "error, reason, started, ended, dhash"
+)
+STAGED_WIDTH = 14
+# A multi-row VALUES statement binds a whole group in one step, so the
+# sqlite3 module does not give up and retake the GIL once per row, as
+# executemany does; 2,000 rows of 14 values stay under SQLite's limit of
+# 32,766 parameters.
+STAGED_ROWS_PER_STATEMENT = 2000
+
+
+def insert_staged(rows: int) -> str:
+    """Return the statement that inserts ``rows`` staged rows."""
+    one = "(" + ", ".join("?" * STAGED_WIDTH) + ")"
+    return f"INSERT INTO items ({STAGED_COLUMNS}) VALUES " + ", ".join([one] * rows)
+
+
+# Each row is [dhash, digest]: which of these items are stored already.
+EXISTING_DIGESTS = """
+    SELECT items.digest FROM json_each(?) AS j
+    JOIN items ON items.dhash = j.value ->> 0 AND items.digest = j.value ->> 1
 """
-# Staged rows are [seq, key, digest, item, claimed, state, attempts,
-# lost_workers, value, error, reason, started, ended].
-INSERT_STAGED_ITEMS = """
-    INSERT INTO items (seq, key, digest, item, claimed, state, attempts,
-                       lost_workers, value, error, reason, started, ended)
-    SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3,
-           j.value ->> 4, j.value ->> 5, j.value ->> 6, j.value ->> 7,
-           j.value ->> 8, j.value ->> 9, j.value ->> 10, j.value ->> 11,
-           j.value ->> 12
-    FROM json_each(?) AS j
-"""
-EXISTING_KEYS = """
-    SELECT key FROM items WHERE key IN (SELECT value FROM json_each(?))
-"""
-# Which of the given seqs have no row (their insert was ignored because
-# another item already has the key: a duplicate).
-MISSING_SEQS = """
-    SELECT j.value FROM json_each(?) AS j
-    WHERE NOT EXISTS (SELECT 1 FROM items WHERE items.seq = j.value)
-"""
-# Keys of copies of one item are the digest itself and the digest followed
-# by "-N", so they sort together: a range over the key index finds them all
-# without an index on the digest.
-COUNT_DIGEST = """
-    SELECT count(*) FROM items
-    WHERE key >= ?1 AND key < ?1 || '.' AND digest = ?1
-"""
+COUNT_DIGEST = "SELECT count(*) FROM items WHERE dhash = ? AND digest = ?"
 INSERT_ITEM = """
-    INSERT INTO items (seq, key, digest, item, state, claimed)
-    VALUES (?, ?, ?, ?, 'pending', ?)
+    INSERT INTO items (seq, key, digest, dhash, item, state, claimed)
+    VALUES (?, ?, ?, ?, ?, 'pending', ?)
 """
 # Each row is [seq, digest]: the stored row at that seq, if any.
 MATCH_BY_SEQ = """
@@ -140,8 +138,7 @@ CLAIM_SEQS = """
 """
 FIND_UNCLAIMED = """
     SELECT seq, key, state, attempts, lost_workers, value, error, reason
-    FROM items WHERE key >= ?1 AND key < ?1 || '.' AND digest = ?1
-        AND claimed != ?2
+    FROM items WHERE dhash = ? AND digest = ? AND claimed != ?
     ORDER BY seq LIMIT 1
 """
 CLAIM_SEQ = "UPDATE items SET claimed = ? WHERE seq = ?"
@@ -185,7 +182,7 @@ SELECT_ITEMS_FROM = """
 SELECT_ITEM_BY_KEY = """
     SELECT seq, key, item, state, attempts, lost_workers, value, error, reason,
            started, ended
-    FROM items WHERE key = ?
+    FROM items WHERE dhash = ? AND key = ?
 """
 SELECT_ATTEMPTS = """
     SELECT number, started, duration, error FROM attempts WHERE seq = ?

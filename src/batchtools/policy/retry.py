@@ -73,13 +73,22 @@ class Backoff:
 
     def bound(self, retry_number: int) -> float:
         """Return the upper bound of the wait before retry ``retry_number``."""
+        if self.initial == 0:
+            return 0.0
         exponent = max(retry_number - 1, 0)
         # Compare in the log domain so that a large exponent cannot overflow.
-        if self.initial == 0 or exponent * math.log(self.multiplier) >= math.log(
-            self.maximum / self.initial
-        ):
-            return self.maximum if self.initial else 0.0
-        return float(self.initial * self.multiplier**exponent)
+        # Logs are subtracted because `maximum / initial` overflows for a tiny
+        # initial.
+        log_bound = math.log(self.initial) + exponent * math.log(self.multiplier)
+        if log_bound >= math.log(self.maximum):
+            return self.maximum
+        try:
+            grown = self.initial * self.multiplier**exponent
+        except OverflowError:
+            # Only a tiny initial gets here: the power overflows, the product not.
+            grown = math.exp(log_bound)
+        # Rounding may put the product a little above the cap.
+        return float(min(self.maximum, grown))
 
     def delay(self, retry_number: int, rng: random.Random | None = None) -> float:
         """Draw the wait in seconds before retry ``retry_number`` (from 1)."""

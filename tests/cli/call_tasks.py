@@ -1,0 +1,36 @@
+"""Python functions for ``batchtools run --call`` in the CLI tests.
+
+Worker processes import them by module and name, so they live in an
+importable module. They report through files named by environment
+variables, which the CLI's workers inherit.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+GATE_TIMEOUT = 60.0
+"""Seconds a task waits for its gate file before it fails, so a broken test
+cannot hang."""
+
+
+def record_then_wait(item: str) -> str:
+    """Append ``item`` to the ledger ``CALL_LEDGER``, then wait for ``CALL_GATE``.
+
+    Raises:
+        TimeoutError: The gate file did not appear within `GATE_TIMEOUT`.
+    """
+    line = f"{item} {os.getpid()}\n".encode()
+    fd = os.open(os.environ["CALL_LEDGER"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+    gate = os.environ["CALL_GATE"]
+    deadline = time.monotonic() + GATE_TIMEOUT
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gate file {gate} did not appear")
+        time.sleep(0.02)
+    return item

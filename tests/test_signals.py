@@ -1,0 +1,192 @@
+"""Signals sent to the CLI process while items run: drain, exit status, resume.
+
+Each command records its item in a ledger, then waits for a gate file, so
+the test can tell which items are in flight when it sends the signal. The CLI
+runs with ``-v``, which logs "stopping: received SIG..." once the engine
+has taken the signal; the test opens the gate only after that line, so
+that "no new item starts after the signal" does not depend on timing.
+"""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import subprocess
+from pathlib import Path
+
+import psutil
+
+from tests.cli.support import (
+    cli_environment,
+    count_in_state,
+    count_lines,
+    items_by_state,
+    run_cli,
+    started_cli,
+    wait_until,
+)
+
+ITEMS = 12
+JOBS = 4
+_WAIT_FOR_GATE = (
+    'n=0; while [ ! -e "$2" ] && [ $n -lt 1200 ]; do sleep 0.05; n=$((n+1)); done; '
+    '[ -e "$2" ] || exit 7'
+)
+
+
+def _contains(path: Path, text: bytes) -> bool:
+    return path.exists() and text in path.read_bytes()
+
+
+def _interrupt_then_resume(tmp_path: Path, signum: signal.Signals) -> None:
+    """Send ``signum`` once while JOBS items run, then resume the run.
+
+    Checks that the items in flight finish and are recorded, that no other
+    item starts, the exit status (128 plus the signal number) and the hint
+    to resume, and that `resume` runs exactly the rest.
+    """
+    journal = tmp_path / "run.db"
+    ledger = tmp_path / "ledger"
+    gate = tmp_path / "gate"
+    errors = tmp_path / "stderr"
+    script = f'echo "$1 $PROBE_SESSION" >> {shlex.quote(str(ledger))}; {_WAIT_FOR_GATE}'
+    items = [f"item-{number:02d}" for number in range(1, ITEMS + 1)]
+    arguments: list[str | Path] = [
+        "run",
+        "-v",
+        "-j",
+        str(JOBS),
+        "--journal",
+        journal,
+        "sh",
+        "-c",
+        script,
+        "sh",
+        "{}",
+        str(gate),
+        ":::",
+        *items,
+    ]
+    with (
+        open(errors, "wb") as stderr,
+        started_cli(
+            arguments,
+            tmp_path,
+            environment=cli_environment(PROBE_SESSION="1"),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        ) as process,
+    ):
+        wait_until(
+            lambda: count_lines(ledger) == JOBS,
+            f"{JOBS} items in flight",
+            process=process,
+        )
+        process.send_signal(signum)
+        wait_until(
+            lambda: _contains(errors, f"received {signum.name}".encode()),
+            f"batchtools to log that it received {signum.name}",
+            process=process,
+        )
+        gate.touch()
+        status = process.wait(timeout=60)
+    message = errors.read_text(errors="replace")
+
+    assert status == 128 + signum, message
+    assert f"batchtools resume {journal}" in message
+    in_flight = {line.split(" ")[0] for line in ledger.read_text().splitlines()}
+    assert len(in_flight) == JOBS, "an item started after the signal"
+    states = items_by_state(journal)
+    drained = {item.decode() for item, state in states.items() if state == "succeeded"}
+    assert drained == in_flight
+
+    result = run_cli(
+        ["resume", "-q", journal],
+        tmp_path,
+        environment=cli_environment(PROBE_SESSION="2"),
+    )
+
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert count_in_state(journal, "succeeded") == ITEMS
+    calls = [line.split(" ") for line in ledger.read_text().splitlines()]
+    assert sorted(item for item, _ in calls) == items
+    resumed = {item for item, session in calls if session == "2"}
+    assert resumed == set(items) - in_flight
+
+
+def test_sigint_drains_then_resume_finishes(tmp_path: Path) -> None:
+    _interrupt_then_resume(tmp_path, signal.SIGINT)
+
+
+def test_sigterm_exits_143_and_resumes(tmp_path: Path) -> None:
+    _interrupt_then_resume(tmp_path, signal.SIGTERM)
+
+
+def test_sigint_stops_call_on_process_backend(tmp_path: Path) -> None:
+    journal = tmp_path / "run.db"
+    ledger = tmp_path / "ledger"
+    gate = tmp_path / "gate"
+    errors = tmp_path / "stderr"
+    environment = cli_environment(CALL_LEDGER=str(ledger), CALL_GATE=str(gate))
+    jobs = 2
+    arguments: list[str | Path] = [
+        "run",
+        "-v",
+        "-j",
+        str(jobs),
+        "--journal",
+        journal,
+        "--backend",
+        "process",
+        "--call",
+        "tests.cli.call_tasks:record_then_wait",
+        ":::",
+        *(f"item-{number:02d}" for number in range(1, 31)),
+    ]
+    with (
+        open(errors, "wb") as stderr,
+        started_cli(
+            arguments,
+            tmp_path,
+            environment=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        ) as process,
+    ):
+        wait_until(
+            lambda: count_lines(ledger) == jobs,
+            f"{jobs} items in flight",
+            process=process,
+        )
+        workers = psutil.Process(process.pid).children(recursive=True)
+        assert workers, "no worker processes found under batchtools"
+        process.send_signal(signal.SIGINT)
+        wait_until(
+            lambda: _contains(errors, b"received SIGINT"),
+            "batchtools to log that it received SIGINT",
+            process=process,
+        )
+        gate.touch()
+        status = process.wait(timeout=60)
+    message = errors.read_text(errors="replace")
+
+    assert status == 130, message
+    calls = ledger.read_text().splitlines()
+    assert len(calls) == jobs, f"items started after SIGINT: {calls}"
+    assert count_in_state(journal, "succeeded") == jobs
+    worker_pids = {int(line.split(" ")[1]) for line in calls}
+    assert worker_pids <= {worker.pid for worker in workers}
+    wait_until(
+        lambda: not any(_alive(worker) for worker in workers),
+        f"the worker processes {[worker.pid for worker in workers]} to exit",
+        timeout=15,
+    )
+
+
+def _alive(process: psutil.Process) -> bool:
+    # is_running compares the start time too, so a reused pid is not alive.
+    try:
+        running = process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        return bool(running)
+    except psutil.NoSuchProcess:
+        return False
