@@ -19,7 +19,7 @@ import asyncio
 import inspect
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,6 +182,10 @@ class Backend(ABC):
     @abstractmethod
     def cancel(self, call: Call, error: BaseException) -> None:
         """Stop the attempt of ``call``; its `execute` then raises ``error``."""
+
+    def direct_function(self) -> Callable[[Any], Awaitable[Any]] | None:
+        """Return a coroutine function the engine may await itself, if any."""
+        return None
 
     def stop_queued(self, error: BaseException) -> None:  # noqa: B027 - optional
         """Fail every attempt handed over but not yet executing with ``error``.

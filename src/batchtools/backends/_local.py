@@ -13,6 +13,7 @@ import asyncio
 import collections
 import queue
 import threading
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from batchtools.backends._base import Backend, BackendStatistics, Call, TaskSpec
@@ -26,6 +27,11 @@ class AsyncBackend(Backend):
     def __init__(self, task: TaskSpec, concurrency: int) -> None:
         super().__init__(concurrency)
         self._task = task
+
+    def direct_function(self) -> Callable[[Any], Awaitable[Any]] | None:
+        if self._task.wants_context:
+            return None
+        return self._task.function
 
     async def execute(self, call: Call) -> Any:
         function = self._task.function

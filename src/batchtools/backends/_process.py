@@ -74,8 +74,20 @@ logger = logging.getLogger(__name__)
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
-CAPACITY_PER_WORKER = 256
-"""Attempts the engine may hand over per worker. The surplus fills the chunks."""
+CAPACITY_PER_WORKER = 1024
+"""Attempts the engine may hand over per worker, within `MAX_CAPACITY`.
+
+The surplus over ``concurrency`` fills the chunks, and each worker needs a
+chunk queued behind the one it executes for as long as the parent takes to
+send the next. In one measurement (200,000 items of 15 us, two workers, a
+2-CPU virtual machine shared with other busy processes), 256 per worker left
+each worker waiting for the parent for about 0.6 s of a 7 s run, and 1024
+cut that wait to 0.1 to 0.4 s.
+"""
+
+MAX_CAPACITY = 16384
+"""Bound on `ProcessBackend.capacity`, because the engine keeps one coroutine
+per attempt handed over. The bound never cuts below 256 attempts per worker."""
 
 _TARGET_CHUNK_SECONDS = 0.02  # the work one chunk should carry
 _MAX_CHUNK = 1000  # items per chunk, and the size of each skip-flag region
@@ -509,7 +521,8 @@ class ProcessBackend(Backend):
 
     @property
     def capacity(self) -> int:
-        return self.concurrency * CAPACITY_PER_WORKER
+        bounded = min(self.concurrency * CAPACITY_PER_WORKER, MAX_CAPACITY)
+        return max(bounded, self.concurrency * 256)
 
     @property
     def chunks_sent(self) -> int:

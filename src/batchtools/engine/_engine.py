@@ -247,6 +247,10 @@ class Engine:
         self._prefetch = not (
             self._feed.never_blocks and journal is None and journal_rows is None
         )
+        # A coroutine task without a context is awaited right here, which
+        # saves a frame per attempt; the async backend's cancel still works,
+        # since it cancels this worker task.
+        self._direct = backend.direct_function()
         self._low_water = max(backend.capacity, _block_size(settings.batch_size) // 2)
 
     # -- public control --------------------------------------------------
@@ -574,9 +578,21 @@ class Engine:
             self._add_deadline(call)
         began = time.perf_counter()
         try:
-            value = await self.backend.execute(call)
+            if self._direct is not None:
+                value = await self._direct(job.item)
+            else:
+                value = await self.backend.execute(call)
         except asyncio.CancelledError as error:
             del self._active[call]
+            if call.cancel_error is not None and self._direct is not None:
+                # A timeout or cancel of a coroutine called directly: the
+                # backend cancelled this worker task to interrupt it.
+                if owner is not None:
+                    owner.uncancel()
+                self._failed(
+                    job, call.cancel_error, started, time.perf_counter() - began
+                )
+                return
             current = asyncio.current_task()
             if current is None or current.cancelling():
                 raise
