@@ -211,6 +211,15 @@ def descendants() -> set[int]:
 # --- Values and errors --------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("concurrency", "capacity"), [(1, 1024), (2, 2048), (32, 16384), (100, 25600)]
+)
+def test_capacity_per_worker_and_bound(concurrency: int, capacity: int) -> None:
+    backend = ProcessBackend(TaskSpec.from_callable(process_tasks.square), concurrency)
+
+    assert backend.capacity == capacity
+
+
 def test_values_and_errors_per_item() -> None:
     async def scenario() -> list[tuple[bool, Any]]:
         async with started(process_tasks.square_or_fail, 2) as backend:

@@ -66,11 +66,11 @@ class ThreadBackend(Backend):
     name = "thread"
 
     def __init__(
-        self, task: TaskSpec, concurrency: int, *, timeout: float | None = None
+        self, task: TaskSpec, concurrency: int, *, queue_ahead: bool = True
     ) -> None:
         super().__init__(concurrency)
         self._task = task
-        self.timeout = timeout
+        self.queue_ahead = queue_ahead
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._done: collections.deque[tuple[asyncio.Future[Any], bool, Any]] = (
             collections.deque()
@@ -88,10 +88,8 @@ class ThreadBackend(Backend):
     @property
     def capacity(self) -> int:
         # Attempts queued ahead keep the threads busy between wakeups of the
-        # event loop; the threads themselves still bound what executes. An
-        # attempt's timeout runs from hand-over, so with a timeout nothing
-        # is queued ahead.
-        return self.concurrency * (1 if self.timeout else 4)
+        # event loop; the threads themselves still bound what executes.
+        return self.concurrency * (4 if self.queue_ahead else 1)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -30,9 +30,10 @@ Data flow for one worker::
         their results, the executing item fails with WorkerLostError, the
         unstarted items go back to the queue, and a replacement starts.
 
-The parent never blocks on a pipe: it reads and writes the pipes' file
-descriptors in non-blocking mode from the event loop, using the framing of
-`multiprocessing.connection.Connection`, which the workers use directly.
+The parent reads and writes the worker pipes in non-blocking mode from the
+event loop, in the framing of `multiprocessing.connection.Connection`, which
+the workers use directly. Starting a worker process does block the loop
+while multiprocessing's forkserver forks it.
 """
 
 from __future__ import annotations
@@ -79,10 +80,10 @@ CAPACITY_PER_WORKER = 1024
 
 The surplus over ``concurrency`` fills the chunks, and each worker needs a
 chunk queued behind the one it executes for as long as the parent takes to
-send the next. In one measurement (200,000 items of 15 us, two workers, a
-2-CPU virtual machine shared with other busy processes), 256 per worker left
-each worker waiting for the parent for about 0.6 s of a 7 s run, and 1024
-cut that wait to 0.1 to 0.4 s.
+send the next. One measurement ran 200,000 items of 15 us on two workers,
+on a 2-CPU virtual machine shared with other busy processes. With 256 per
+worker, each worker waited for the parent for about 0.6 s of a 7 s run, and
+1024 cut that wait to 0.1 to 0.4 s.
 """
 
 MAX_CAPACITY = 16384
@@ -722,6 +723,7 @@ class ProcessBackend(Backend):
         if exit_status is None:  # the sentinel is readable only after the exit
             process.join()
             exit_status = process.exitcode if process.exitcode is not None else 255
+
         self._drain(worker)
         lost = self._harvest(worker, exit_status)
         if lost is not None:
@@ -739,6 +741,7 @@ class ProcessBackend(Backend):
                 WorkerLostError(exit_status),
                 process.pid,
             )
+
         loop.remove_reader(worker.outbox.fileno())
         loop.remove_writer(worker.inbox.fileno())
         worker.output.clear()
@@ -748,6 +751,7 @@ class ProcessBackend(Backend):
         if self._workers[worker.slot] is worker:
             self._workers[worker.slot] = None
         worker.exited.set_result(None)
+
         self._replace(worker, exit_status)
         self._schedule_dispatch()
 

@@ -116,8 +116,7 @@ class InputSpec:
                         pass
                 except OSError as error:
                     raise ConfigurationError(
-                        f"cannot read the input file {source.path!r} given after "
-                        f"'::::': {error.strerror}"
+                        f"cannot read the input file {source.path!r}: {error.strerror}"
                     ) from None
 
     def total(self) -> int | None:

@@ -122,10 +122,18 @@ def load_job_file(path: str) -> JobFile:
         job = JobFile.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
+        # Leave out the type alternatives pydantic adds to the location.
+        parts = [
+            str(p) for p in first["loc"] if not str(p).startswith(("list[", "str"))
+        ]
+        where = ".".join(parts)
+        if first["type"] == "extra_forbidden":
+            raise ConfigurationError(
+                f"job file {path!r}: unknown key {where!r}; check its spelling"
+            ) from None
         given = first.get("input")
         raise ConfigurationError(
-            f"job file {path!r}: invalid value at {where} ({given!r}): {first['msg']}"
+            f"job file {path!r}: invalid value {given!r} for {where}: {first['msg']}"
         ) from None
     if job.tasks is not None:
         raise ConfigurationError(

@@ -6,6 +6,7 @@ import errno
 import os
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
@@ -46,6 +47,7 @@ class OutputWriter:
         self._stdout_tty = _isatty(self._stdout)
         self._stderr_tty = _isatty(self._stderr)
         self._write_stderr = write_stderr
+        self._hide_progress: Callable[[], AbstractContextManager[None]] | None = None
         self._engine: Engine | None = None
         self.stdout_closed = False
 
@@ -83,10 +85,21 @@ class OutputWriter:
             if result is not None:
                 result.close()
 
+    def hide_progress_with(
+        self, hidden: Callable[[], AbstractContextManager[None]]
+    ) -> None:
+        """Erase the progress line through ``hidden`` before writing to a terminal."""
+        self._hide_progress = hidden
+
     def _pass_through(self, result: CommandResult) -> None:
         if result.captured_stdout.size:
             if self._stdout_tty:
-                self._write_stdout(_for_terminal(result.read_stdout()).encode())
+                text = _for_terminal(result.read_stdout()).encode()
+                if self._hide_progress is not None:
+                    with self._hide_progress():
+                        self._write_stdout(text)
+                else:
+                    self._write_stdout(text)
             else:
                 self._write_stdout(result.read_stdout(), result)
         if result.captured_stderr.size:

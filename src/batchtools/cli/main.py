@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import itertools
 import json
 import logging
@@ -33,6 +34,7 @@ from batchtools._exceptions import (
     JournalMismatchError,
     RunAbortedError,
 )
+from batchtools.backends._base import TaskSpec
 from batchtools.cli._inputs import InputSpec, Source, split_command
 from batchtools.cli._jobfile import load_job_file
 from batchtools.cli._output import OutputWriter
@@ -44,6 +46,8 @@ from batchtools.observe import Progress, preview, summary_lines
 
 JOURNAL_FOLDER = Path(".batchtools")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 3
+# Like a program killed by SIGPIPE, as the shell reports it.
+EXIT_OUTPUT_CLOSED = 128 + signal.SIGPIPE
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 _RERUN = ("pending", "running", "retrying", "cancelled")
 
@@ -305,6 +309,8 @@ def status_command(
         states = count_states(path)
     except JournalError as error:
         raise AbortError(str(error)) from None
+    if failed and as_json:
+        raise UsageError("--failed and --json cannot be combined; give one of them")
     if failed:
         _print_failed(path, null)
         return
@@ -341,7 +347,12 @@ def status_command(
         return
     click.echo(f"run {run.run_id} ({state}), journal {path}")
     click.echo("  " + ", ".join(f"{count} {name}" for name, count in counts.items()))
-    if state == "interrupted":
+    if not run.input_complete:
+        click.echo("  the input was not read to its end; unread items are not counted")
+    if "cli" not in run.spec:
+        # A library run is resumed by calling the library again.
+        return
+    if state == "interrupted" or counts["pending"]:
         click.echo(f"  finish it with: batchtools resume {path}")
     if counts["failed"]:
         click.echo(f"  re-run the failed items with: batchtools retry {path}")
@@ -516,14 +527,22 @@ class _CallAdapter:
         self.function = function
         self.__qualname__ = getattr(function, "__qualname__", repr(function))
         self.__module__ = getattr(function, "__module__", "?")
+        # Offer a context parameter exactly when the function takes one, so
+        # that the engine passes the context through.
+        parameters = [inspect.Parameter("item", inspect.Parameter.POSITIONAL_ONLY)]
+        if TaskSpec.from_callable(function).wants_context:
+            parameters.append(
+                inspect.Parameter("context", inspect.Parameter.KEYWORD_ONLY)
+            )
+        self.__signature__ = inspect.Signature(parameters)
 
-    def __call__(self, item: Any) -> Any:
-        return self.function(_as_text(item))
+    def __call__(self, item: Any, **context: Any) -> Any:
+        return self.function(_as_text(item), **context)
 
 
 class _AsyncCallAdapter(_CallAdapter):
-    async def __call__(self, item: Any) -> Any:
-        return await self.function(_as_text(item))
+    async def __call__(self, item: Any, **context: Any) -> Any:
+        return await self.function(_as_text(item), **context)
 
 
 def _as_text(item: Any) -> Any:
@@ -546,7 +565,12 @@ def _plan_from_journal(path: Path, jobs: int | None) -> Plan:
             f"journal {path} was not made by 'batchtools run'; resume it from the "
             "library with the same items and task"
         )
-    options = RunOptions(**stored)
+    try:
+        options = RunOptions(**stored)
+    except TypeError as error:
+        raise AbortError(
+            f"journal {path}: its run record is damaged ({error}); it cannot be resumed"
+        ) from None
     if jobs is not None:
         options.jobs = jobs
     assert options.input is not None
@@ -579,6 +603,8 @@ def _execute(
         )
     except ConfigurationError as error:
         raise UsageError(str(error)) from None
+    if options.results is not None:
+        _check_results_folder(options.results)
     items, journal_rows, rerun = _sources(plan, mode, journal_path)
     items = _check_first_item(items, plan)
     journal = _open_journal(job, mode, journal_path, flags)
@@ -594,6 +620,7 @@ def _execute(
     )
     observers: list[Observer] = []
     if progress is not None:
+        writer.hide_progress_with(progress.hidden)
         observers.append(progress)
         _count_later(plan, progress)
     engine = build_engine(
@@ -619,10 +646,21 @@ def _execute(
     finally:
         if progress is not None:
             progress.stop()
-    code = _finish(report, aborted, received, journal, quiet)
+    code = _finish(report, aborted, received, journal, quiet, writer.stdout_closed)
     if mode == "resume" and report is not None and report.total == report.carried:
         code = EXIT_OK  # The run had already finished: nothing was left to do.
     sys.exit(code)
+
+
+def _check_results_folder(folder: str) -> None:
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(
+            f"--results {folder!r}: cannot create the folder: {error.strerror}"
+        ) from None
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--results {folder!r}: the folder is not writable")
 
 
 def _sources(
@@ -697,6 +735,7 @@ def _finish(
     received: list[int],
     journal: Journal | None,
     quiet: bool,
+    output_closed: bool = False,
 ) -> int:
     err = sys.stderr
     if report is not None and not quiet:
@@ -723,12 +762,10 @@ def _finish(
         else:
             click.echo(f"Interrupted by {name}.", file=err)
         return _SIGNAL_EXIT.get(signal.Signals(received[0]), 128 + received[0])
-    if report.interrupted and report.halted is None and journal is not None:
-        click.echo(
-            f"The run stopped early ({'output closed'}); finish it with: "
-            f"batchtools resume {journal.path}",
-            file=err,
-        )
+    if output_closed:
+        hint = f"; finish it with: batchtools resume {journal.path}" if journal else ""
+        click.echo(f"Standard output was closed, so the run stopped{hint}", file=err)
+        return EXIT_OUTPUT_CLOSED
     if report.ok:
         return EXIT_OK
     if report.counts["failed"] and journal is not None and not quiet:
@@ -745,21 +782,31 @@ def _dry_run(plan: Plan) -> None:
     out = sys.stdout.buffer
     size = plan.options.max_args
     items = iter(plan.input.items())
+    failed = 0
     for seq in itertools.count():
         batch = list(itertools.islice(items, size))
         if not batch:
-            return
+            break
         if isinstance(task, CommandTemplate):
-            argv = task.render(
-                batch,
-                seq=seq,
-                slot=seq % max(plan.options.jobs or 1, 1) + 1,
-                batch=size > 1,
-            )
+            try:
+                argv = task.render(
+                    batch,
+                    seq=seq,
+                    slot=seq % max(plan.options.jobs or 1, 1) + 1,
+                    batch=size > 1,
+                )
+            except ConfigurationError as error:
+                # The real run fails just this item, so the dry run goes on.
+                failed += 1
+                click.echo(f"Error: item {seq + 1}: {error}", err=True)
+                continue
             out.write(b" ".join(_quote(arg) for arg in argv) + b"\n")
         else:
             arguments = ", ".join(preview(item) for item in batch)
             out.write(f"{plan.options.call}({arguments})\n".encode())
+    out.flush()
+    if failed:
+        sys.exit(EXIT_FAILED)
 
 
 def _quote(arg: bytes) -> bytes:
@@ -768,7 +815,7 @@ def _quote(arg: bytes) -> bytes:
     return quote_for_shell(arg)
 
 
-def _latest(accept: Callable[[RunRecord], bool]) -> Path:
+def _latest(accept: Callable[[RunRecord], bool], what: str = "run") -> Path:
     candidates = []
     for path in JOURNAL_FOLDER.glob("*.db") if JOURNAL_FOLDER.is_dir() else []:
         try:
@@ -778,14 +825,12 @@ def _latest(accept: Callable[[RunRecord], bool]) -> Path:
         if accept(run):
             candidates.append((run.created, path))
     if not candidates:
-        raise UsageError(
-            f"no matching run under {JOURNAL_FOLDER}/; give the journal's path"
-        )
+        raise UsageError(f"no {what} under {JOURNAL_FOLDER}/; give the journal's path")
     return max(candidates)[1]
 
 
 def _latest_unfinished() -> Path:
-    return _latest(lambda run: run.state != "finished")
+    return _latest(lambda run: run.state != "finished", "unfinished run")
 
 
 def _is_locked(path: Path) -> bool:
@@ -805,12 +850,22 @@ def _is_locked(path: Path) -> bool:
 def _print_failed(path: Path, null: bool) -> None:
     out = sys.stdout.buffer
     end = b"\0" if null else b"\n"
+    warned = False
     for row in iter_items(path, ["failed"]):
         item = row.item
         if isinstance(item, tuple):
-            out.write(b"\t".join(item) + end)
+            line = b"\t".join(item)
         else:
-            out.write(os.fsencode(str(item)) + end)
+            line = os.fsencode(str(item))
+        if not null and b"\n" in line and not warned:
+            warned = True
+            click.echo(
+                "Warning: some failed items contain a newline, so one line per "
+                "item cannot represent them; use -0 and read them back with "
+                "'batchtools run -0'.",
+                err=True,
+            )
+        out.write(line + end)
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:

@@ -36,6 +36,9 @@ from batchtools.policy.retry import Retry
 
 BACKENDS = ("async", "thread", "process", "subprocess")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Each unit of concurrency costs a coroutine and, for threads and
+# processes, an operating system resource; far beyond this is a typo.
+MAX_CONCURRENCY = 100_000
 _OUTPUT_LIMIT = 1024
 
 
@@ -113,7 +116,16 @@ def prepare(
         collect=collect,
         key=key,
     )
-    made = _make_backend(task, chosen, width, batch, shell, env, settings.timeout)
+    if width > MAX_CONCURRENCY:
+        raise ConfigurationError(
+            f"concurrency={width} is more than {MAX_CONCURRENCY:,}; "
+            "use a smaller number"
+        )
+    # Thread attempts may queue ahead of the threads, unless an attempt's
+    # clock must start when it starts (a timeout) or a failure must stop
+    # the next items from starting (a halt).
+    queue_ahead = settings.timeout is None and settings.halt is None
+    made = _make_backend(task, chosen, width, batch, shell, env, queue_ahead)
     description = {
         "task": name,
         "backend": chosen,
@@ -197,7 +209,7 @@ def _make_backend(
     batch: int,
     shell: bool,
     env: Mapping[str, str] | None,
-    timeout: float | None,
+    queue_ahead: bool,
 ) -> Backend:
     if name == "subprocess":
         from batchtools.backends._command import CommandTemplate
@@ -213,7 +225,7 @@ def _make_backend(
     if name == "async":
         return AsyncBackend(spec, width)
     if name == "thread":
-        return ThreadBackend(spec, width, timeout=timeout)
+        return ThreadBackend(spec, width, queue_ahead=queue_ahead)
     from batchtools.backends._process import ProcessBackend, check_picklable
 
     check_picklable(spec)
@@ -232,7 +244,9 @@ def open_journal(
         return None
     journal_path = Path(path)
     if journal_path.exists():
-        return Journal.open_existing(journal_path, signature=job.signature, force=force)
+        return Journal.open_existing(
+            journal_path, signature=job.signature, force=force, spec=job.spec
+        )
     return Journal.create(
         journal_path, run_id=job.settings.run_id, signature=job.signature, spec=job.spec
     )

@@ -226,6 +226,7 @@ class Engine:
         self._stopping: str | None = None
         self._cancelling = False
         self._aborted: BaseException | None = None
+        self._abort_message: str | None = None
         self._rng = random.Random()
         self._timeouts: list[tuple[float, int, Call]] = []
         self._timeout_counter = itertools.count()
@@ -326,6 +327,7 @@ class Engine:
                 await asyncio.gather(*workers)
             except BaseException:
                 self.stop("cancelled", cancel=True)
+                self._release_in_flight()
                 for task in workers:
                     task.cancel()
                 await asyncio.gather(*workers, return_exceptions=True)
@@ -346,7 +348,8 @@ class Engine:
             report.interrupted = self._stopping is not None and report.halted is None
         self._drain_reorder(final=True)
         if self._aborted is not None:
-            raise RunAbortedError(str(self._aborted)) from self._aborted
+            message = self._abort_message or str(self._aborted)
+            raise RunAbortedError(message) from self._aborted
         if self.settings.collect:
             report.collected.sort(key=lambda o: o.seq)
             report.unnumbered = self.journal is None
@@ -370,6 +373,14 @@ class Engine:
         await asyncio.to_thread(journal.close)
         if journal.error is not None and self._aborted is None:
             self._aborted = journal.error
+
+    def _release_in_flight(self) -> None:
+        """Put items in flight back to pending, for a run cancelled from outside."""
+        if self.journal is None or self.journal.error is not None:
+            return
+        for job in self._active.values():
+            for member in job.members or (job,):
+                self.journal.update(member.seq, "pending", reason="interrupted")
 
     def _on_journal_error(self, error: JournalError) -> None:
         if self._aborted is None:
@@ -455,10 +466,27 @@ class Engine:
         """Read the next block at once, where no await is needed."""
         if self._prefetch or self._refill is not None:
             return False
-        block = self._feed.read_now(_block_size(self.settings.batch_size))
+        try:
+            block = self._feed.read_now(_block_size(self.settings.batch_size))
+            self._queue_jobs([self._job(item) for item in block])
+        except Exception as error:
+            self._input_failed(error)
+            return True
         self.read_count += len(block)
-        self._queue_jobs([self._job(item) for item in block])
         return True
+
+    def _input_failed(self, error: BaseException) -> None:
+        """Stop the run because the input or the journal could not be read."""
+        if isinstance(error, JournalError):
+            log.error("%s", error)
+            reason = f"the journal failed: {error}"
+        else:
+            log.error("reading item %d of the input failed: %r", self.read_count, error)
+            reason = f"reading item {self.read_count} of the input failed: {error!r}"
+        if self._aborted is None:
+            self._aborted = error
+            self._abort_message = reason
+        self.stop(reason, cancel=True)
 
     def _start_fill(self) -> None:
         loop = asyncio.get_running_loop()
@@ -477,12 +505,10 @@ class Engine:
                 jobs = [self._job(item) for item in block]
             self.read_count += len(block)
             self._queue_jobs(jobs)
+        except asyncio.CancelledError:
+            raise
         except BaseException as error:
-            if isinstance(error, asyncio.CancelledError | JournalError):
-                raise
-            log.error("reading the input failed: %s", error)
-            self._aborted = error
-            self.stop(f"reading the input failed: {error}", cancel=True)
+            self._input_failed(error)
         finally:
             self._refill = None
             refill.set_result(None)
@@ -835,7 +861,10 @@ class Engine:
         report.counts[_COUNT_NAMES[id(state)]] += 1
         if state is State.FAILED:
             report.failures.add(outcome.key, outcome.error, outcome.item)
-            self._check_halt()
+            if outcome.source == "run":
+                # Failures carried over from an earlier session already
+                # counted towards the halt condition there.
+                self._check_halt()
         if self.settings.collect:
             report.collected.append(outcome)
         for observer in self.observers:
@@ -856,7 +885,20 @@ class Engine:
         ):
             self._waiting_commit.append((op, outcome))
         else:
+            self._deliver(outcome)
+
+    def _deliver(self, outcome: Outcome) -> None:
+        """Hand an outcome to the consumer; a consumer that fails ends the run."""
+        assert self._output is not None
+        try:
             self._output(outcome)
+        except Exception as error:
+            reason = f"writing the output of item {outcome.key} failed: {error}"
+            if self._aborted is None:
+                log.error("%s", reason)
+                self._aborted = error
+                self._abort_message = reason
+            self.stop(reason, cancel=True)
 
     def _drain_reorder(self, *, final: bool = False) -> None:
         if not self.settings.ordered or self._output is None:
@@ -869,12 +911,12 @@ class Engine:
             del self._reorder[self._next_index]
             self._next_index += 1
             if outcome is not None:
-                self._output(outcome)
+                self._deliver(outcome)
         if final:
             for index in sorted(self._reorder):
                 outcome = self._reorder.pop(index)
                 if outcome is not None:
-                    self._output(outcome)
+                    self._deliver(outcome)
         self._wake_all()
 
     def _on_commit(self, committed: int) -> None:
@@ -884,7 +926,7 @@ class Engine:
         while waiting and waiting[0][0] <= committed:
             _, outcome = waiting.popleft()
             if not self.settings.ordered and self._output is not None:
-                self._output(outcome)
+                self._deliver(outcome)
         if self.settings.ordered:
             self._drain_reorder()
         else:

@@ -151,7 +151,8 @@ class Outcome:
 
 _HEX = re.compile(r"\b(?:0x[0-9a-fA-F]+|[0-9a-fA-F]{8,})\b")
 _PATH = re.compile(r"(?:(?<=\s)|(?<=^)|(?<=['\"(]))(?:/|\./|~/)[^\s'\",:)]*")
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+# Whole numbers only: digits inside a word ("utf8", "0o", "U+20AC") stay.
+_NUMBER = re.compile(r"\b\d+(?:\.\d+)?\b")
 
 
 def cause_of(error: BaseException) -> str:

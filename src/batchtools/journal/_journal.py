@@ -136,6 +136,10 @@ def check_path(path: Path) -> None:
         raise JournalError(
             str(path), "it is a symbolic link; give the real file's path instead"
         )
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        raise JournalError(
+            str(path), "it is not a regular file; give the path of a journal file"
+        )
     fstype = _filesystem_type(path.parent if info is None else path)
     if fstype in _NETWORK_FILESYSTEMS:
         raise JournalError(
@@ -200,10 +204,16 @@ def read_run(path: str | os.PathLike[str]) -> RunRecord:
         conn.close()
     if row is None:
         raise JournalError(str(journal_path), "it has no run record; it is damaged")
+    try:
+        spec = json.loads(row[2])
+    except ValueError:
+        raise JournalError(
+            str(journal_path), "its run record is damaged: the spec is not JSON"
+        ) from None
     return RunRecord(
         run_id=row[0],
         signature=row[1],
-        spec=json.loads(row[2]),
+        spec=spec,
         created=row[3],
         updated=row[4],
         state=row[5],
@@ -360,6 +370,7 @@ class Journal:
         self.error: JournalError | None = None
         self.session = run.session
         self._fresh = False
+        self._replacement: tuple[str, dict[str, Any]] | None = None
         self._seen: _DigestFilter | None = None
 
     # -- opening -------------------------------------------------------
@@ -426,6 +437,7 @@ class Journal:
         *,
         signature: str | None = None,
         force: bool = False,
+        spec: dict[str, Any] | None = None,
     ) -> Journal:
         """Open a journal to resume or retry its run, taking the writer lock.
 
@@ -433,7 +445,10 @@ class Journal:
             path: The journal file.
             signature: The signature of the run about to start; a journal
                 with a different one is rejected unless ``force``.
-            force: Accept a different signature.
+            force: Accept a different signature; the journal then records
+                ``signature`` and ``spec``, so that a later resume or retry
+                runs the new task.
+            spec: The description of the run about to start.
 
         Raises:
             JournalLockedError: Another live process holds the journal.
@@ -452,7 +467,10 @@ class Journal:
                 "it records a different run (another command, task or options); "
                 "use a new journal path, or pass --force to reuse it",
             )
-        return cls(journal_path, run, lock)
+        journal = cls(journal_path, run, lock)
+        if signature is not None and run.signature != signature and spec is not None:
+            journal._replacement = (signature, spec)
+        return journal
 
     # -- the writer thread ---------------------------------------------
 
@@ -476,6 +494,10 @@ class Journal:
                 conn.execute(pragma)
             conn.execute("BEGIN IMMEDIATE")
             self.session = conn.execute(sql.START_SESSION, (time.time(),)).fetchone()[0]
+            if self._replacement is not None:
+                signature, spec = self._replacement
+                conn.execute(sql.REPLACE_SPEC, (signature, json.dumps(spec)))
+                self.run.signature, self.run.spec = signature, spec
             conn.execute(
                 sql.INSERT_EVENT,
                 (
@@ -1024,7 +1046,9 @@ def _remove_pid_file(path: Path) -> None:
 
 def _take_lock(path: Path) -> filelock.BaseFileLock:
     """Take the journal's writer lock; the holder's pid goes to a sidecar file."""
-    lock = filelock.FileLock(str(path) + ".lock", timeout=0, thread_local=False)
+    lock = filelock.FileLock(
+        str(path) + ".lock", timeout=0, mode=0o600, thread_local=False
+    )
     try:
         lock.acquire()
     except filelock.Timeout:

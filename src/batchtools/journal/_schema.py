@@ -89,6 +89,7 @@ START_SESSION = """
     UPDATE run SET session = session + 1, state = 'running', updated = ?
     WHERE id = 1 RETURNING session
 """
+REPLACE_SPEC = "UPDATE run SET signature = ?, spec = ? WHERE id = 1"
 SET_RUN_STATE = "UPDATE run SET state = ?, updated = ? WHERE id = 1"
 SET_INPUT_COMPLETE = "UPDATE run SET input_complete = 1 WHERE id = 1"
 INSERT_EVENT = """

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -59,6 +61,19 @@ class Progress:
 
     def on_finish(self, report: Report) -> None:
         self.stop()
+
+    @contextlib.contextmanager
+    def hidden(self) -> Iterator[None]:
+        """Erase the line and keep it away while the block writes to the terminal.
+
+        Command output on the same terminal would otherwise be appended to the
+        progress line; the next refresh draws the line again below it.
+        """
+        with self._live._lock:
+            if self._live.is_started:
+                self.console.file.write("\r\x1b[2K")
+                self.console.file.flush()
+            yield
 
     def stop(self) -> None:
         """Remove the line from the terminal."""

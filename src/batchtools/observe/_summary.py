@@ -49,8 +49,8 @@ def summary_lines(
         )
     if report.abandoned_threads:
         lines.append(
-            f"{report.abandoned_threads} timed-out thread attempts were still "
-            "running at the end; threads cannot be killed."
+            f"{report.abandoned_threads} thread attempts that timed out or were "
+            "cancelled were still running at the end; threads cannot be killed."
         )
     if report.workers_lost:
         lines.append(f"{report.workers_lost} worker processes died during attempts.")
