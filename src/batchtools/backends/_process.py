@@ -499,8 +499,11 @@ class ProcessBackend(Backend):
 
     name = "process"
 
-    def __init__(self, task: TaskSpec, concurrency: int) -> None:
+    def __init__(
+        self, task: TaskSpec, concurrency: int, *, queue_ahead: bool = True
+    ) -> None:
         super().__init__(concurrency)
+        self.queue_ahead = queue_ahead
         self._task = task
         self._task_bytes = b""
         self._context: ForkServerContext | None = None
@@ -522,6 +525,10 @@ class ProcessBackend(Backend):
 
     @property
     def capacity(self) -> int:
+        if not self.queue_ahead:
+            # An attempt's timeout runs from hand-over, and a halt must keep
+            # the next items from starting: hand over no more than can run.
+            return self.concurrency
         bounded = min(self.concurrency * CAPACITY_PER_WORKER, MAX_CAPACITY)
         return max(bounded, self.concurrency * 256)
 

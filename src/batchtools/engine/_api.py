@@ -121,7 +121,7 @@ def prepare(
             f"concurrency={width} is more than {MAX_CONCURRENCY:,}; "
             "use a smaller number"
         )
-    # Thread attempts may queue ahead of the threads, unless an attempt's
+    # Attempts may queue ahead of threads and worker processes, unless an attempt's
     # clock must start when it starts (a timeout) or a failure must stop
     # the next items from starting (a halt).
     queue_ahead = settings.timeout is None and settings.halt is None
@@ -229,7 +229,7 @@ def _make_backend(
     from batchtools.backends._process import ProcessBackend, check_picklable
 
     check_picklable(spec)
-    return ProcessBackend(spec, width)
+    return ProcessBackend(spec, width, queue_ahead=queue_ahead)
 
 
 def open_journal(
