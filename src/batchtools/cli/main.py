@@ -22,10 +22,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-from rich.console import Console
 
 from batchtools._exceptions import (
     BatchtoolsError,
@@ -36,13 +35,15 @@ from batchtools._exceptions import (
 )
 from batchtools.backends._base import TaskSpec
 from batchtools.cli._inputs import InputSpec, Source, split_command
-from batchtools.cli._jobfile import load_job_file
 from batchtools.cli._output import OutputWriter
 from batchtools.engine._api import build_engine, open_journal, prepare, signal_handlers
 from batchtools.engine._engine import Observer
 from batchtools.engine._outcome import Report
 from batchtools.journal import Journal, RunRecord, count_states, iter_items, read_run
-from batchtools.observe import Progress, preview, summary_lines
+from batchtools.observe._summary import preview, summary_lines
+
+if TYPE_CHECKING:
+    from batchtools.observe._progress import Progress
 
 JOURNAL_FOLDER = Path(".batchtools")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 3
@@ -374,7 +375,13 @@ class Plan:
 def _plan_run(
     context: click.Context, words: list[str], options: dict[str, Any]
 ) -> Plan:
-    job_file = load_job_file(options["job_file"]) if options["job_file"] else None
+    job_file = None
+    if options["job_file"]:
+        # pydantic is imported only for job files: it costs a tenth of a
+        # second, a lot for a command that may run a single item.
+        from batchtools.cli._jobfile import load_job_file
+
+        job_file = load_job_file(options["job_file"])
     source = context.get_parameter_source
 
     def pick(name: str, from_file: Any, default: Any) -> Any:
@@ -608,9 +615,15 @@ def _execute(
     items, journal_rows, rerun = _sources(plan, mode, journal_path)
     items = _check_first_item(items, plan)
     journal = _open_journal(job, mode, journal_path, flags)
-    console = Console(stderr=True, highlight=False, soft_wrap=True)
     progress = None
-    if not quiet and console.is_terminal:
+    console: Any = None
+    if not quiet and sys.stderr.isatty():
+        # rich is imported only to draw on a terminal.
+        from rich.console import Console
+
+        from batchtools.observe._progress import Progress
+
+        console = Console(stderr=True, highlight=False, soft_wrap=True)
         progress = Progress(console, plan.total)
     writer = OutputWriter(
         Path(options.results) if options.results else None,

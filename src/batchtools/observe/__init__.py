@@ -1,6 +1,10 @@
-"""Subscribers to engine events: the progress line and the end-of-run summary."""
+"""Subscribers to engine events: the progress line and the end-of-run summary.
 
-from batchtools.observe._progress import Progress, format_duration
-from batchtools.observe._summary import preview, summary_lines
+The progress line lives in `batchtools.observe._progress`, which imports
+rich; it is left out here so that a run without a terminal does not pay
+for importing it.
+"""
 
-__all__ = ["Progress", "format_duration", "preview", "summary_lines"]
+from batchtools.observe._summary import format_duration, preview, summary_lines
+
+__all__ = ["format_duration", "preview", "summary_lines"]

@@ -12,6 +12,7 @@ from rich.live import Live
 from rich.text import Text
 
 from batchtools.engine._outcome import Outcome, Report, State
+from batchtools.observe._summary import format_duration
 
 if TYPE_CHECKING:
     from batchtools.engine._engine import Engine
@@ -103,14 +104,3 @@ class Progress:
         if self.total and rate > 0 and self.done < self.total:
             parts.append(f"ETA {format_duration((self.total - self.done) / rate)}")
         return " | ".join(parts)
-
-
-def format_duration(seconds: float) -> str:
-    """Format seconds as ``1h02m``, ``3m05s`` or ``4.2s``."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any
 
 from batchtools.engine._outcome import Report
-from batchtools.observe._progress import format_duration
 
 _PREVIEW = 60
 
@@ -66,3 +65,14 @@ def summary_lines(
     if len(common) > groups:
         lines.append(f"  ... and {len(common) - groups} more causes")
     return lines
+
+
+def format_duration(seconds: float) -> str:
+    """Format seconds as ``1h02m``, ``3m05s`` or ``4.2s``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
