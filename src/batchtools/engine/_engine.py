@@ -362,7 +362,7 @@ class Engine:
         if journal is None:
             return
         if journal.error is None:
-            if self._stopping is None and self._feed.exhausted:
+            if self._feed.finished:
                 journal.mark_input_complete()
             if self._stopping is not None and self.report.halted is None:
                 journal.event("interrupted", {"reason": self._stopping})

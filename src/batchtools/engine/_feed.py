@@ -33,6 +33,8 @@ class Feed:
         self._sync: Iterator[Any] | None = None
         self._async: AsyncIterator[Any] | None = None
         self.exhausted = False
+        # Whether the source itself ended, rather than reading being stopped.
+        self.finished = False
         if isinstance(source, AsyncIterable):
             self._async = aiter(source)
         elif isinstance(source, _IN_MEMORY) or type(source).__name__ in (
@@ -63,6 +65,7 @@ class Feed:
         block = list(itertools.islice(self._sync, limit))
         if not block:
             self.exhausted = True
+            self.finished = True
         return block
 
     async def read(self, limit: int = BLOCK) -> list[Any]:
@@ -85,6 +88,7 @@ class Feed:
                 block = []
         if not block:
             self.exhausted = True
+            self.finished = True
         return block
 
     async def aclose(self) -> None:
