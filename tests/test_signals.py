@@ -12,6 +12,7 @@ from __future__ import annotations
 import shlex
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -190,3 +191,41 @@ def _alive(process: psutil.Process) -> bool:
         return bool(running)
     except psutil.NoSuchProcess:
         return False
+
+
+def test_stopped_time_does_not_count_against_timeouts(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    # The command outlives neither its 3 s timeout nor its own sleep, unless
+    # the 4 s the run spends stopped were counted against the timeout.
+    script = f"touch {shlex.quote(str(started))}; sleep 2"
+    arguments: list[str | Path] = [
+        "run",
+        "-v",
+        "--no-journal",
+        "--timeout",
+        "3s",
+        "sh",
+        "-c",
+        script,
+        ":::",
+        "one",
+    ]
+
+    with started_cli(arguments, tmp_path) as process:
+        wait_until(started.exists, "the command starts", process=process)
+        process.send_signal(signal.SIGTSTP)
+        cli = psutil.Process(process.pid)
+        wait_until(
+            lambda: cli.status() == psutil.STATUS_STOPPED,
+            "the CLI stops",
+            process=process,
+        )
+        stopped_at = time.monotonic()
+        # Here the wait is the behaviour under test, not synchronisation.
+        while time.monotonic() - stopped_at < 4.0:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGCONT)
+        _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 0, stderr.decode(errors="replace")
+    assert b"timed out" not in stderr

@@ -183,6 +183,13 @@ class Backend(ABC):
     def cancel(self, call: Call, error: BaseException) -> None:
         """Stop the attempt of ``call``; its `execute` then raises ``error``."""
 
+    def signal_workers(self, number: int) -> None:  # noqa: B027 - optional
+        """Send signal ``number`` to the processes executing attempts.
+
+        Used to stop them with the whole run (SIGSTOP on Ctrl-Z) and to let
+        them go on (SIGCONT). Backends without processes need nothing.
+        """
+
     def direct_function(self) -> Callable[[Any], Awaitable[Any]] | None:
         """Return a coroutine function the engine may await itself, if any."""
         return None

@@ -602,6 +602,16 @@ class ProcessBackend(Backend):
         finally:
             worker.lock.release()
 
+    def signal_workers(self, number: int) -> None:
+        for worker in self._workers:
+            pid = worker.process.pid if worker is not None else None
+            if pid is None:
+                continue
+            try:
+                os.kill(pid, number)
+            except (ProcessLookupError, PermissionError):
+                pass  # The worker ended meanwhile.
+
     def stop_queued(self, error: BaseException) -> None:
         if self._stop_error is None:
             self._stop_error = error

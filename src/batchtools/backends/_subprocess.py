@@ -479,6 +479,13 @@ class SubprocessBackend(Backend):
         elif isinstance(handle, asyncio.Future) and not handle.done():
             handle.set_exception(error)
 
+    def signal_workers(self, number: int) -> None:
+        for command in list(self._commands):
+            try:
+                os.killpg(command.pid, number)
+            except (ProcessLookupError, PermissionError):
+                pass  # The command ended meanwhile.
+
     def stop_queued(self, error: BaseException) -> None:
         for call, waiter in self._slot_waiters:
             if not waiter.done():

@@ -288,8 +288,10 @@ def signal_handlers(
     """Stop ``engine`` on SIGINT, SIGTERM and SIGHUP while the block runs.
 
     The first signal stops admission and lets attempts in flight finish;
-    the second cancels them. Installed only on the main thread, where the
-    event loop can receive signals.
+    the second cancels them. SIGTSTP (Ctrl-Z) stops the run's processes with
+    this one, and their timeouts do not run while they are stopped.
+    Installed only on the main thread, where the event loop can receive
+    signals.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -304,10 +306,11 @@ def signal_handlers(
 
     for number in STOP_SIGNALS:
         loop.add_signal_handler(number, handle, number)
+    loop.add_signal_handler(signal.SIGTSTP, engine.suspend)
     try:
         yield
     finally:
-        for number in STOP_SIGNALS:
+        for number in (*STOP_SIGNALS, signal.SIGTSTP):
             loop.remove_signal_handler(number)
 
 

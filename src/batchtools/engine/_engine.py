@@ -23,7 +23,9 @@ import heapq
 import itertools
 import json
 import logging
+import os
 import random
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
@@ -293,6 +295,26 @@ class Engine:
             self._cancelling = True
             for call in list(self._active):
                 self.backend.cancel(call, Interrupted(reason))
+
+    def suspend(self) -> None:
+        """Stop the run's processes and this one until SIGCONT (Ctrl-Z).
+
+        The processes executing attempts are stopped first, then this
+        process. When it is continued, they are continued, and every
+        attempt's timeout is moved by the time spent stopped, so that a
+        pause never counts against an attempt.
+        """
+        before = time.monotonic()
+        self.backend.signal_workers(signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        # Execution goes on here once SIGCONT arrives.
+        paused = time.monotonic() - before
+        self.backend.signal_workers(signal.SIGCONT)
+        self._timeouts[:] = [
+            (deadline + paused, order, call) for deadline, order, call in self._timeouts
+        ]
+        heapq.heapify(self._timeouts)
+        log.info("run %s continued after %.1f s stopped", self.run_id, paused)
 
     @property
     def in_flight(self) -> int:
