@@ -517,7 +517,12 @@ class Engine:
 
     async def _fill(self, refill: asyncio.Future[None]) -> None:
         try:
-            block = await self._feed.read(_block_size(self.settings.batch_size))
+            size = _block_size(self.settings.batch_size)
+            if self.journal is not None and not self.journal.fresh:
+                # Each block of a resumed run costs a round trip to the
+                # journal's thread; larger blocks make fewer of them.
+                size *= 8
+            block = await self._feed.read(size)
             if self._journal_rows is not None:
                 rows: list[ItemRow] = block
                 jobs = [self._job_from_row(row) for row in rows]
@@ -601,7 +606,8 @@ class Engine:
         outcome = Outcome(job.seq, row.key, job.item, state, source="journal")
         self.report.carried += 1
         if state is State.SUCCEEDED:
-            outcome.value = json.loads(row.value) if row.value else None
+            text = row.value
+            outcome.value = None if text is None or text == "null" else json.loads(text)
             self.report.from_journal += 1
         else:
             outcome.error = error_from_json(row.error)

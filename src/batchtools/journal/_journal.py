@@ -532,6 +532,11 @@ class Journal:
         """
         self._post(_Register(rows, callback))
 
+    @property
+    def fresh(self) -> bool:
+        """Whether this session created the journal, so it has no earlier items."""
+        return self._fresh
+
     def register_new(self, rows: list[tuple[int, str, str]]) -> list[str | None]:
         """Register, without a round trip, items certain not to repeat others.
 
