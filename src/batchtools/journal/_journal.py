@@ -271,23 +271,28 @@ def iter_items(
             if not rows:
                 return
             for row in rows:
-                yield ItemRow(
-                    seq=row[0],
-                    key=row[1],
-                    item=_codec.decode(row[2]),
-                    state=row[3],
-                    attempts=row[4],
-                    lost_workers=row[5],
-                    value=row[6],
-                    error=row[7],
-                    reason=row[8],
-                    new=False,
-                )
+                yield _stored_item(row)
             last = rows[-1][0]
     except sqlite3.Error as error:
         raise _translate(journal_path, error, "reading") from error
     finally:
         conn.close()
+
+
+def _stored_item(row: tuple[Any, ...]) -> ItemRow:
+    """Build an item from a row of ``seq, key, item, state, attempts, ...``."""
+    return ItemRow(
+        seq=row[0],
+        key=row[1],
+        item=_codec.decode(row[2]),
+        state=row[3],
+        attempts=row[4],
+        lost_workers=row[5],
+        value=row[6],
+        error=row[7],
+        reason=row[8],
+        new=False,
+    )
 
 
 def item_history(
@@ -311,19 +316,7 @@ def item_history(
         attempts = conn.execute(sql.SELECT_ATTEMPTS, (row[0],)).fetchall()
     finally:
         conn.close()
-    item = ItemRow(
-        seq=row[0],
-        key=row[1],
-        item=_codec.decode(row[2]),
-        state=row[3],
-        attempts=row[4],
-        lost_workers=row[5],
-        value=row[6],
-        error=row[7],
-        reason=row[8],
-        new=False,
-    )
-    return item, [tuple(a) for a in attempts]
+    return _stored_item(row), [tuple(a) for a in attempts]
 
 
 class _Flush:
@@ -559,23 +552,7 @@ class Journal:
         session = self.session
         for seq, text, digest in rows:
             if seen.add(digest):
-                staged.append(
-                    [
-                        seq,
-                        digest,
-                        digest,
-                        text,
-                        session,
-                        "pending",
-                        0,
-                        0,
-                        None,
-                        None,
-                        None,
-                        None,
-                        None,
-                    ]
-                )
+                staged.append(_pending_row(seq, digest, text, session))
                 keys.append(digest)
             else:
                 keys.append(None)
@@ -929,21 +906,7 @@ class _GroupWriter:
                 result[i] = self._match_moved(rows[i])
                 continue
             self.staged_keys.add(digest)
-            self.staged[seq] = [
-                seq,
-                digest,
-                digest,
-                text,
-                self.session,
-                "pending",
-                0,
-                0,
-                None,
-                None,
-                None,
-                None,
-                None,
-            ]
+            self.staged[seq] = _pending_row(seq, digest, text, self.session)
             result[i] = ItemRow(seq=seq, key=digest, state="pending")
 
     def _insert_duplicate(self, seq: int, text: str, digest: str) -> ItemRow:
@@ -990,6 +953,16 @@ def digest_hash(digest: str) -> int:
             pass  # A key function's text: hash it like any other text.
     raw = hashlib.blake2b(digest.encode("utf-8", "surrogatepass"), digest_size=8)
     return int.from_bytes(raw.digest(), "big") - (1 << 63)
+
+
+def _pending_row(seq: int, key: str, text: str, session: int) -> list[Any]:
+    """Return a staged row of a new item, as `sql.STAGED_COLUMNS` orders them.
+
+    The last column, the digest hash, is added when the row is written.
+    """
+    # seq, key, digest, item, claimed, state, attempts, lost_workers, value,
+    # error, reason, started, ended
+    return [seq, key, key, text, session, "pending", 0, 0, None, None, None, None, None]
 
 
 class _DigestFilter:
