@@ -97,10 +97,11 @@ def main() -> None:
     run can be finished with 'batchtools resume', and its failed items
     re-run with 'batchtools retry'.
 
-    Exit status: 0 every item succeeded; 1 some item failed, was skipped
-    or was cancelled by --halt; 2 invalid usage or input, found before
-    anything ran; 3 the run could not go on (journal unusable, disk full);
-    130 interrupted by SIGINT; 143 terminated by SIGTERM.
+    Exit status: 0 when every item succeeded. 1 when some item failed, was
+    skipped or was cancelled by --halt. 2 for invalid usage or input, found
+    before anything ran. 3 when the run could not go on (journal unusable,
+    disk full). 130, 129 and 143 after SIGINT, SIGHUP and SIGTERM, and 141
+    when standard output was closed.
     """
 
 

@@ -69,18 +69,18 @@ class Observer(Protocol):
     """Receives the engine's events; every method must return quickly."""
 
     def on_start(self, engine: Engine) -> None:
-        """The run starts."""
+        """Receive the start of the run."""
 
     def on_retry(
         self, key: str, attempt: int, delay: float, error: BaseException
     ) -> None:
-        """An attempt failed and the item waits ``delay`` seconds to retry."""
+        """Receive a failed attempt whose item retries after ``delay`` seconds."""
 
     def on_outcome(self, outcome: Outcome) -> None:
-        """An item reached its outcome."""
+        """Receive an item's final outcome."""
 
     def on_finish(self, report: Report) -> None:
-        """The run ended."""
+        """Receive the report at the end of the run."""
 
 
 class Interrupted(BatchtoolsError):
