@@ -2,10 +2,11 @@
 
 Peak RSS only grows during a process's life, so each
 measurement runs in a fresh interpreter started by `_common.run_child`. The
-child prints one JSON object on its last line of output: ``seconds`` (the
-timed part only, without the interpreter's start-up and imports), ``rss_mb``
-(peak RSS of the whole process, see `_common.peak_rss_mb`) and ``count``
-(items processed or, for a resume, items taken from the journal).
+child prints one JSON object on its last line of output, with three fields.
+``seconds`` is the timed part only, without the interpreter's start-up and
+imports. ``rss_mb`` is the peak RSS of the whole process (see
+`_common.peak_rss_mb`). ``count`` is the number of items processed or, for
+a resume, taken from the journal.
 
 Usage::
 

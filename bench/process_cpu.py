@@ -1,8 +1,8 @@
 """Workload 4: many tiny CPU-bound items on 2 worker processes.
 
-Each item runs `_tasks.spin`, a Python loop whose length is calibrated at
-the start so that one item costs about 15 us on this machine; the measured
-cost is reported. Every contender receives the same
+Each item runs `_tasks.spin`, a Python loop. Its length is calibrated at
+the start so that one item costs about 15 us on this machine, and the
+measured cost is reported. Every contender receives the same
 `functools.partial(spin, length=...)`, which pickles by reference to
 `_tasks.spin`. At that size the per-item cost of moving work to a
 process dominates, so the workload shows whether batchtools' chunking keeps
@@ -175,6 +175,7 @@ def measure(config: Config) -> WorkloadResult:
         f"(a {length}-integer loop), {WORKERS} processes"
     )
     samples = measure_interleaved(build_contenders(task, count), config.runs)
+
     result = WorkloadResult(
         title="4. Tiny CPU items, 2 processes",
         summary=(
@@ -192,6 +193,7 @@ def measure(config: Config) -> WorkloadResult:
         ),
         rows=build_rows(samples, count),
     )
+
     serial = item_seconds * count
     result.notes.append(
         f"Measured task cost: {item_seconds * 1e6:.1f} us per item in this "

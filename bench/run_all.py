@@ -1,9 +1,10 @@
 """Run every benchmark workload and write docs/benchmarks.md.
 
-`make bench` runs this script. The full run took 17 minutes on 2 CPUs
-with a load average of about 5 from other work (an estimate of 12 minutes
-on an idle machine, from the per-workload times). ``--quick`` uses fewer
-items and 3 runs per contender, for a smoke run of about 1.5 minutes. Each
+`make bench` runs this script. On a 2-CPU machine shared with other work,
+the full run took 12 minutes at a load average of about 2.5 and 17 minutes
+at about 5; the 10-million-item stream alone takes about 6 of them.
+``--quick`` uses fewer items and 3 runs per contender, for a smoke run of
+about 1.5 minutes. Each
 workload module also runs alone and prints its own page to standard
 output, or writes it with ``--output``.
 """
