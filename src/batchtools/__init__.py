@@ -23,7 +23,7 @@ from batchtools.engine._api import AsyncStream, Stream, arun, astream, run, stre
 from batchtools.engine._engine import Interrupted, Observer
 from batchtools.engine._halt import Halt
 from batchtools.engine._outcome import Attempt, FailureGroup, Outcome, Report, State
-from batchtools.policy import Backoff, Retry, parse_duration, parse_size
+from batchtools.policy import Backoff, RateLimit, Retry, parse_duration, parse_size
 
 __version__ = "0.1.0"
 
@@ -45,6 +45,7 @@ __all__ = [
     "JournalMismatchError",
     "Observer",
     "Outcome",
+    "RateLimit",
     "RemoteError",
     "Report",
     "Retry",

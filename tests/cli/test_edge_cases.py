@@ -161,3 +161,23 @@ def test_directory_as_journal_is_rejected(tmp_path: Path) -> None:
 
     assert result.returncode == 3
     assert "not a regular file" in error_lines(result.stderr)[0]
+
+
+def test_rate_limit_from_flag_and_job_file(tmp_path: Path) -> None:
+    job = tmp_path / "rated.toml"
+    job.write_text('[run]\nrate = "200/s"\n[input]\nargs = ["a", "b", "c"]\n')
+
+    flagged = run_cli(
+        ["run", "--no-journal", "--rate", "200/s", "echo", ":::", "x", "y"], tmp_path
+    )
+    from_file = run_cli(["run", "--no-journal", "-f", str(job), "echo"], tmp_path)
+    invalid = run_cli(
+        ["run", "--no-journal", "--rate", "fast", "echo", ":::", "x"], tmp_path
+    )
+
+    assert flagged.returncode == 0
+    assert sorted(flagged.stdout.split()) == [b"x", b"y"]
+    assert from_file.returncode == 0
+    assert sorted(from_file.stdout.split()) == [b"a", b"b", b"c"]
+    assert invalid.returncode == 2
+    assert "invalid rate 'fast'" in error_lines(invalid.stderr)[0]

@@ -43,6 +43,7 @@ class RunTable(_Strict):
     timeout: str | float | int | None = None
     keep_order: bool | None = None
     halt: str | None = None
+    rate: str | None = None
     results: str | None = None
     shell: bool | None = None
     max_args: int | None = None

@@ -41,6 +41,7 @@ from batchtools.engine._engine import Observer
 from batchtools.engine._outcome import Report
 from batchtools.journal import Journal, RunRecord, count_states, iter_items, read_run
 from batchtools.observe._summary import preview, summary_lines
+from batchtools.policy.rate_limit import RateLimit
 
 if TYPE_CHECKING:
     from batchtools.observe._progress import Progress
@@ -82,6 +83,7 @@ class RunOptions:
     timeout: str | None = None
     keep_order: bool = False
     halt: str | None = None
+    rate: str | None = None
     results: str | None = None
 
 
@@ -186,6 +188,13 @@ def main() -> None:
     default=None,
     help="Stop after N failures (or N%): now cancels running items, soon lets "
     "them finish.",
+)
+@click.option(
+    "--rate",
+    metavar="N/PERIOD",
+    default=None,
+    help="Start at most N attempts per period, such as 20/s, 100/m or 5/10s; "
+    "retries count.",
 )
 @click.option(
     "--dry-run", is_flag=True, help="Print the commands that would run; run nothing."
@@ -430,6 +439,7 @@ def _plan_run(
             pick("keep_order", run_table.keep_order if run_table else None, False)
         ),
         halt=pick("halt", run_table.halt if run_table else None, None),
+        rate=pick("rate", run_table.rate if run_table else None, None),
         results=pick("results", run_table.results if run_table else None, None),
     )
     journal = pick("journal", run_table.journal if run_table else None, None)
@@ -606,6 +616,7 @@ def _execute(
             backend=options.backend,
             batch_size=options.max_args,
             halt=options.halt,
+            policies=[RateLimit.parse(options.rate)] if options.rate else (),
             ordered=options.keep_order,
             spec={"cli": asdict(options)},
         )

@@ -32,6 +32,7 @@ from batchtools.engine._halt import Halt
 from batchtools.engine._outcome import Outcome, Report
 from batchtools.journal import ItemRow, Journal, iter_items
 from batchtools.policy._units import parse_duration
+from batchtools.policy.rate_limit import RateLimit, RateLimiter
 from batchtools.policy.retry import Retry
 
 BACKENDS = ("async", "thread", "process", "subprocess")
@@ -93,6 +94,7 @@ def prepare(
     key: Callable[[Any], str] | None = None,
     batch_size: int | None = None,
     halt: Halt | str | None = None,
+    policies: Sequence[object] = (),
     ordered: bool = False,
     collect: bool = False,
     shell: bool = False,
@@ -112,6 +114,7 @@ def prepare(
         timeout=None if timeout is None else parse_duration(timeout, name="timeout"),
         batch_size=batch,
         halt=Halt.parse(halt) if isinstance(halt, str) else halt,
+        rate_limiter=_rate_limiter(policies),
         ordered=ordered,
         collect=collect,
         key=key,
@@ -138,6 +141,19 @@ def prepare(
     ).hexdigest()[:32]
     full_spec = {**description, **(spec or {})}
     return Job(made, settings, signature, full_spec)
+
+
+def _rate_limiter(policies: Sequence[object]) -> RateLimiter | None:
+    limiter = None
+    for policy in policies:
+        if not isinstance(policy, RateLimit):
+            raise ConfigurationError(
+                f"policies contains {policy!r}; supported policies: RateLimit"
+            )
+        if limiter is not None:
+            raise ConfigurationError("policies may contain one RateLimit")
+        limiter = policy.limiter()
+    return limiter
 
 
 def _positive(name: str, value: int | None, *, default: int) -> int:
@@ -326,6 +342,7 @@ async def arun(
     key: Callable[[Any], str] | None = None,
     batch_size: int | None = None,
     halt: Halt | str | None = None,
+    policies: Sequence[object] = (),
     observers: Sequence[Observer] = (),
     force: bool = False,
     shell: bool = False,
@@ -342,6 +359,7 @@ async def arun(
         key=key,
         batch_size=batch_size,
         halt=halt,
+        policies=policies,
         collect=True,
         shell=shell,
         env=env,
@@ -367,6 +385,7 @@ def run(
     key: Callable[[Any], str] | None = None,
     batch_size: int | None = None,
     halt: Halt | str | None = None,
+    policies: Sequence[object] = (),
     observers: Sequence[Observer] = (),
     force: bool = False,
     shell: bool = False,
@@ -418,6 +437,7 @@ def run(
         "key": key,
         "batch_size": batch_size,
         "halt": halt,
+        "policies": policies,
         "observers": observers,
         "force": force,
         "shell": shell,
@@ -557,6 +577,7 @@ def astream(
     key: Callable[[Any], str] | None = None,
     batch_size: int | None = None,
     halt: Halt | str | None = None,
+    policies: Sequence[object] = (),
     observers: Sequence[Observer] = (),
     force: bool = False,
     shell: bool = False,
@@ -577,6 +598,7 @@ def astream(
         key=key,
         batch_size=batch_size,
         halt=halt,
+        policies=policies,
         ordered=ordered,
         shell=shell,
         env=env,
@@ -671,6 +693,7 @@ def stream(
     key: Callable[[Any], str] | None = None,
     batch_size: int | None = None,
     halt: Halt | str | None = None,
+    policies: Sequence[object] = (),
     observers: Sequence[Observer] = (),
     force: bool = False,
     shell: bool = False,
@@ -699,6 +722,7 @@ def stream(
             key=key,
             batch_size=batch_size,
             halt=halt,
+            policies=policies,
             observers=observers,
             force=force,
             shell=shell,

@@ -53,6 +53,7 @@ from batchtools.engine._outcome import (
     format_error,
 )
 from batchtools.journal import ItemRow, Journal
+from batchtools.policy.rate_limit import RateLimiter
 from batchtools.policy.retry import NO_RETRY, Retry
 
 log = logging.getLogger("batchtools.engine")
@@ -106,6 +107,8 @@ class Settings:
         ordered: Emit outcomes in input order.
         collect: Keep every outcome in the report.
         key: A function from item to key text, instead of the content hash.
+        rate_limiter: Limits how often attempts start; an attempt waits for
+            it in its slot, so retries count too.
         store_value: Turns a value into the JSON text kept in the journal,
             or ``None`` to keep none.
         run_id: The run's id; new runs get a random one.
@@ -119,6 +122,7 @@ class Settings:
     collect: bool = False
     key: Callable[[Any], str] | None = None
     store_value: Callable[[Any], str | None] | None = None
+    rate_limiter: RateLimiter | None = None
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
@@ -366,6 +370,8 @@ class Engine:
             stats = self.backend.statistics()
             report.abandoned_threads = stats.abandoned_threads
             report.workers_lost = stats.workers_lost
+            if self.settings.rate_limiter is not None:
+                report.rate_limited = self.settings.rate_limiter.waits
             report.duration = time.perf_counter() - began
             report.interrupted = self._stopping is not None and report.halted is None
         self._drain_reorder(final=True)
@@ -621,6 +627,8 @@ class Engine:
         return Context(self.run_id, key, job.attempt, job.seq, f"{self.run_id}:{key}")
 
     async def _attempt(self, job: _Job, owner: asyncio.Task[Any] | None) -> None:
+        if self.settings.rate_limiter is not None and not await self._rate_allows(job):
+            return
         job.attempt += 1
         started = time.time()
         if job.first_started is None:
@@ -664,6 +672,18 @@ class Engine:
             self._succeeded(job, value, started, duration)
         else:
             self._batch_succeeded(job, value, started, duration)
+
+    async def _rate_allows(self, job: _Job) -> bool:
+        """Wait until the rate limit lets ``job`` start; false if the run stops."""
+        limiter = self.settings.rate_limiter
+        assert limiter is not None
+        key = limiter.key_of(job.item if job.members is None else job.members[0].item)
+        while (delay := limiter.try_start(key)) > 0:
+            await asyncio.sleep(delay)
+            if self._stopping is not None:
+                self._cancelled(job, self._stopping)
+                return False
+        return True
 
     def _journal_running(self) -> None:
         """Record as running the attempts in flight that are not recorded yet.

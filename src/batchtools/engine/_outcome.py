@@ -256,6 +256,7 @@ class Report:
         abandoned_threads: Thread attempts given up on whose thread was
             still running at the end.
         workers_lost: Worker processes that died during an attempt.
+        rate_limited: Times an attempt waited for the rate limit.
         unnumbered: Whether keys of repeated items still need their
             occurrence numbers (a run without a journal).
     """
@@ -273,6 +274,7 @@ class Report:
     journal: str | None = None
     abandoned_threads: int = 0
     workers_lost: int = 0
+    rate_limited: int = 0
     unnumbered: bool = False
 
     def __repr__(self) -> str:

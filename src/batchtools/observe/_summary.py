@@ -53,6 +53,8 @@ def summary_lines(
         )
     if report.workers_lost:
         lines.append(f"{report.workers_lost} worker processes died during attempts.")
+    if report.rate_limited:
+        lines.append(f"Attempts waited for the rate limit {report.rate_limited} times.")
     if report.halted:
         lines.append(f"Halted: {report.halted}.")
     common = report.failures.most_common()
