@@ -8,6 +8,7 @@ from batchtools._exceptions import (
     AttemptError,
     AttemptTimeoutError,
     BatchtoolsError,
+    CircuitOpenError,
     CommandFailedError,
     ConfigurationError,
     JournalError,
@@ -23,7 +24,14 @@ from batchtools.engine._api import AsyncStream, Stream, arun, astream, run, stre
 from batchtools.engine._engine import Interrupted, Observer
 from batchtools.engine._halt import Halt
 from batchtools.engine._outcome import Attempt, FailureGroup, Outcome, Report, State
-from batchtools.policy import Backoff, RateLimit, Retry, parse_duration, parse_size
+from batchtools.policy import (
+    Backoff,
+    CircuitBreaker,
+    RateLimit,
+    Retry,
+    parse_duration,
+    parse_size,
+)
 
 __version__ = "0.1.0"
 
@@ -34,6 +42,8 @@ __all__ = [
     "AttemptTimeoutError",
     "Backoff",
     "BatchtoolsError",
+    "CircuitBreaker",
+    "CircuitOpenError",
     "CommandFailedError",
     "ConfigurationError",
     "Context",

@@ -11,6 +11,7 @@ The tree, grouped by what the caller can do about each family::
     ├── RunAbortedError           the run could not go on (exit status 3)
     └── AttemptError              one attempt failed; kept in outcomes, never raised
         ├── AttemptTimeoutError   the attempt ran past its timeout
+        ├── CircuitOpenError      a circuit breaker is open for the item's key
         ├── CommandFailedError    a command exited non-zero or died by a signal
         ├── WorkerLostError       the worker process died during the attempt
         └── RemoteError           stand-in for an exception that could not be
@@ -90,6 +91,26 @@ class AttemptTimeoutError(AttemptError, TimeoutError):
 
     def __str__(self) -> str:
         return f"timed out after {self.timeout:g} s"
+
+
+class CircuitOpenError(AttemptError):
+    """A circuit breaker is open, so the call was not made.
+
+    Attributes:
+        key: The circuit's key (``None`` for an unkeyed breaker).
+        retry_after: Seconds until the circuit lets a probe through.
+    """
+
+    def __init__(self, key: Any, retry_after: float) -> None:
+        super().__init__(key, retry_after)
+        self.key = key
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        where = "" if self.key is None else f" for {self.key!r}"
+        return (
+            f"circuit open{where}; it lets a probe through in {self.retry_after:.1f} s"
+        )
 
 
 class CommandFailedError(AttemptError):

@@ -32,6 +32,7 @@ from batchtools.engine._halt import Halt
 from batchtools.engine._outcome import Outcome, Report
 from batchtools.journal import ItemRow, Journal, iter_items
 from batchtools.policy._units import parse_duration
+from batchtools.policy.circuit_breaker import Breakers, CircuitBreaker
 from batchtools.policy.rate_limit import RateLimit, RateLimiter
 from batchtools.policy.retry import Retry
 
@@ -109,12 +110,14 @@ def prepare(
     batch = _positive("batch_size", batch_size, default=1)
     name, chosen = _choose_backend(task, backend)
     width = _positive("concurrency", concurrency, default=default_concurrency(chosen))
+    rate_limiter, breakers = _policy_state(policies)
     settings = Settings(
         retry=Retry.coerce(retry),
         timeout=None if timeout is None else parse_duration(timeout, name="timeout"),
         batch_size=batch,
         halt=Halt.parse(halt) if isinstance(halt, str) else halt,
-        rate_limiter=_rate_limiter(policies),
+        rate_limiter=rate_limiter,
+        breakers=breakers,
         ordered=ordered,
         collect=collect,
         key=key,
@@ -143,17 +146,26 @@ def prepare(
     return Job(made, settings, signature, full_spec)
 
 
-def _rate_limiter(policies: Sequence[object]) -> RateLimiter | None:
+def _policy_state(
+    policies: Sequence[object],
+) -> tuple[RateLimiter | None, Breakers | None]:
     limiter = None
+    breakers = None
     for policy in policies:
-        if not isinstance(policy, RateLimit):
+        if isinstance(policy, RateLimit) and limiter is None:
+            limiter = policy.limiter()
+        elif isinstance(policy, CircuitBreaker) and breakers is None:
+            breakers = policy.breakers()
+        elif isinstance(policy, RateLimit | CircuitBreaker):
             raise ConfigurationError(
-                f"policies contains {policy!r}; supported policies: RateLimit"
+                f"policies has more than one {type(policy).__name__}; give one"
             )
-        if limiter is not None:
-            raise ConfigurationError("policies may contain one RateLimit")
-        limiter = policy.limiter()
-    return limiter
+        else:
+            raise ConfigurationError(
+                f"policies contains {policy!r}; supported policies: RateLimit, "
+                "CircuitBreaker"
+            )
+    return limiter, breakers
 
 
 def _positive(name: str, value: int | None, *, default: int) -> int:

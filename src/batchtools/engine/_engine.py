@@ -36,6 +36,7 @@ from batchtools import _codec
 from batchtools._exceptions import (
     AttemptTimeoutError,
     BatchtoolsError,
+    CircuitOpenError,
     CommandFailedError,
     JournalError,
     RemoteError,
@@ -53,6 +54,7 @@ from batchtools.engine._outcome import (
     format_error,
 )
 from batchtools.journal import ItemRow, Journal
+from batchtools.policy.circuit_breaker import Breakers
 from batchtools.policy.rate_limit import RateLimiter
 from batchtools.policy.retry import NO_RETRY, Retry
 
@@ -109,6 +111,8 @@ class Settings:
         key: A function from item to key text, instead of the content hash.
         rate_limiter: Limits how often attempts start; an attempt waits for
             it in its slot, so retries count too.
+        breakers: Circuit breakers; an item whose circuit is open waits
+            outside any slot, or fails at once with ``fail_fast``.
         store_value: Turns a value into the JSON text kept in the journal,
             or ``None`` to keep none.
         run_id: The run's id; new runs get a random one.
@@ -123,6 +127,7 @@ class Settings:
     key: Callable[[Any], str] | None = None
     store_value: Callable[[Any], str | None] | None = None
     rate_limiter: RateLimiter | None = None
+    breakers: Breakers | None = None
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
@@ -249,6 +254,7 @@ class Engine:
         self.read_count = 0
         self.input_total: int | None = None
         self.retrying = 0
+        self._waiting_for_circuit = 0
         # Sources that must be awaited, and journal registration, are read a
         # block ahead; an in-memory source without a journal is read inline.
         self._prefetch = not (
@@ -627,6 +633,9 @@ class Engine:
         return Context(self.run_id, key, job.attempt, job.seq, f"{self.run_id}:{key}")
 
     async def _attempt(self, job: _Job, owner: asyncio.Task[Any] | None) -> None:
+        breakers = self.settings.breakers
+        if breakers is not None and not self._circuit_allows(job, breakers):
+            return
         if self.settings.rate_limiter is not None and not await self._rate_allows(job):
             return
         job.attempt += 1
@@ -668,10 +677,63 @@ class Engine:
             return
         del self._active[call]
         duration = time.perf_counter() - began
+        if self.settings.breakers is not None:
+            self._record_circuit(job, None)
         if job.members is None:
             self._succeeded(job, value, started, duration)
         else:
             self._batch_succeeded(job, value, started, duration)
+
+    def _circuit_allows(self, job: _Job, breakers: Breakers) -> bool:
+        """Let ``job`` start if its circuit allows; else park or fail it."""
+        key = breakers.key_of(job.item if job.members is None else job.members[0].item)
+        seen = len(breakers.transitions)
+        delay = breakers.wait_time(key)
+        self._note_transitions(breakers, seen)
+        if delay == 0.0:
+            return True
+        if breakers.policy.fail_fast:
+            now = time.time()
+            self._fail_for_good(job, CircuitOpenError(key, delay), now, 0.0)
+            return False
+        # Wait outside the slot: the job comes back like a retry.
+        self._parked += 1
+        self._waiting_for_circuit += 1
+        asyncio.get_running_loop().call_later(delay, self._unpark, job, False)
+        return False
+
+    def _record_circuit(self, job: _Job, error: BaseException | None) -> None:
+        breakers = self.settings.breakers
+        if breakers is None or isinstance(error, Interrupted):
+            # An interrupted attempt says nothing about the service.
+            return
+        key = breakers.key_of(job.item if job.members is None else job.members[0].item)
+        seen = len(breakers.transitions)
+        breakers.record(key, error)
+        self._note_transitions(breakers, seen)
+
+    def _note_transitions(self, breakers: Breakers, seen: int) -> None:
+        """Log, journal and report the circuit changes after the first ``seen``."""
+        for transition in breakers.transitions[seen:]:
+            level = logging.WARNING if transition.new.value == "open" else logging.INFO
+            log.log(
+                level,
+                "circuit %r is %s: %s",
+                transition.key,
+                transition.new.value,
+                transition.reason,
+            )
+            self.report.circuit_transitions.append(transition)
+            if self.journal is not None:
+                self.journal.event(
+                    "circuit",
+                    {
+                        "key": repr(transition.key),
+                        "from": transition.old.value,
+                        "to": transition.new.value,
+                        "reason": transition.reason,
+                    },
+                )
 
     async def _rate_allows(self, job: _Job) -> bool:
         """Wait until the rate limit lets ``job`` start; false if the run stops."""
@@ -762,6 +824,8 @@ class Engine:
     def _failed(
         self, job: _Job, error: BaseException, started: float, duration: float
     ) -> None:
+        if self.settings.breakers is not None:
+            self._record_circuit(job, error)
         if job.attempts is None:
             job.attempts = []
         job.attempts.append(Attempt(job.attempt, started, duration, error))
@@ -831,9 +895,12 @@ class Engine:
         self.retrying += 1
         asyncio.get_running_loop().call_later(delay, self._unpark, job)
 
-    def _unpark(self, job: _Job) -> None:
+    def _unpark(self, job: _Job, retrying: bool = True) -> None:
         self._parked -= 1
-        self.retrying -= 1
+        if retrying:
+            self.retrying -= 1
+        else:
+            self._waiting_for_circuit -= 1
         if self._stopping is not None:
             self._cancelled(job, self._stopping)
             self._wake_all()

@@ -257,6 +257,7 @@ class Report:
             still running at the end.
         workers_lost: Worker processes that died during an attempt.
         rate_limited: Times an attempt waited for the rate limit.
+        circuit_transitions: Every change of a circuit breaker's state.
         unnumbered: Whether keys of repeated items still need their
             occurrence numbers (a run without a journal).
     """
@@ -275,6 +276,7 @@ class Report:
     abandoned_threads: int = 0
     workers_lost: int = 0
     rate_limited: int = 0
+    circuit_transitions: list[Any] = field(default_factory=list)
     unnumbered: bool = False
 
     def __repr__(self) -> str:

@@ -55,6 +55,14 @@ def summary_lines(
         lines.append(f"{report.workers_lost} worker processes died during attempts.")
     if report.rate_limited:
         lines.append(f"Attempts waited for the rate limit {report.rate_limited} times.")
+    if report.circuit_transitions:
+        opened = sum(1 for t in report.circuit_transitions if t.new.value == "open")
+        lines.append(
+            f"Circuit breakers opened {opened} times; the last change: "
+            f"{report.circuit_transitions[-1].key!r} became "
+            f"{report.circuit_transitions[-1].new.value} "
+            f"({report.circuit_transitions[-1].reason})."
+        )
     if report.halted:
         lines.append(f"Halted: {report.halted}.")
     common = report.failures.most_common()

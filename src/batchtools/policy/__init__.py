@@ -1,15 +1,23 @@
 """Policies: how attempts are scheduled. Pure logic, no I/O."""
 
 from batchtools.policy._units import parse_duration, parse_size
+from batchtools.policy.circuit_breaker import (
+    BreakerState,
+    CircuitBreaker,
+    Transition,
+)
 from batchtools.policy.rate_limit import RateLimit, RateLimiter
 from batchtools.policy.retry import NO_RETRY, Backoff, Retry
 
 __all__ = [
     "NO_RETRY",
     "Backoff",
+    "BreakerState",
+    "CircuitBreaker",
     "RateLimit",
     "RateLimiter",
     "Retry",
+    "Transition",
     "parse_duration",
     "parse_size",
 ]

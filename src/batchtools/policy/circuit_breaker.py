@@ -1,0 +1,357 @@
+"""Circuit breakers: stop calling what keeps failing, and probe before going back.
+
+States and their changes, one table that a test walks::
+
+    CLOSED --(failure rate over the window, or N failures in a row)--> OPEN
+    OPEN --(reset timeout passed)--> HALF_OPEN
+    HALF_OPEN --(every probe succeeded)--> CLOSED
+    HALF_OPEN --(a probe failed)--> OPEN
+
+Written here rather than taken from a package because the engine has to
+ask "may this item start now, and if not, how long until it may" without
+calling anything, so that items waiting for an open breaker hold no
+concurrency slot. The logic is pure: time comes from an injectable clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import functools
+import inspect
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+import cachetools
+
+from batchtools._exceptions import CircuitOpenError, ConfigurationError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class BreakerState(enum.Enum):
+    """The state of one circuit."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+BREAKER_TRANSITIONS: dict[BreakerState, frozenset[BreakerState]] = {
+    BreakerState.CLOSED: frozenset({BreakerState.OPEN}),
+    BreakerState.OPEN: frozenset({BreakerState.HALF_OPEN}),
+    BreakerState.HALF_OPEN: frozenset({BreakerState.CLOSED, BreakerState.OPEN}),
+}
+
+# How often a call that waits for the probes of a half-open circuit asks again.
+_PROBE_RECHECK = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A change of a circuit's state.
+
+    Attributes:
+        key: The circuit's key (``None`` for an unkeyed breaker).
+        old: The state before.
+        new: The state after.
+        at: The clock's time of the change.
+        reason: Why it changed, as a sentence.
+    """
+
+    key: Any
+    old: BreakerState
+    new: BreakerState
+    at: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreaker:
+    """When to open a circuit, how long to keep it open, and how to probe.
+
+    Args:
+        failure_rate: Open when at least this share (0 to 1) of the last
+            ``window`` calls failed, once ``min_calls`` have been made.
+        window: How many recent calls the rate looks at.
+        min_calls: Calls needed in the window before the rate applies.
+        consecutive_failures: Also open after this many failures in a row;
+            ``None`` turns that rule off.
+        reset_timeout: Seconds a circuit stays open before it lets probes
+            through.
+        probes: Calls let through while half-open; all must succeed to close.
+        key: A function from item to the key of its own circuit (a URL's
+            host, for example); ``None`` shares one circuit.
+        fail_fast: Fail calls at once with `CircuitOpenError` while the
+            circuit is open, instead of waiting for it.
+        max_keys: How many keyed circuits are kept (least recently used
+            forgotten first).
+        on: Exception types that count as failures; others pass through
+            without changing the circuit.
+        clock: Returns the current time in seconds.
+
+    Raises:
+        ConfigurationError: A value is out of range.
+    """
+
+    failure_rate: float = 0.5
+    window: int = 20
+    min_calls: int = 10
+    consecutive_failures: int | None = None
+    reset_timeout: float = 30.0
+    probes: int = 1
+    key: Callable[[Any], Any] | None = None
+    fail_fast: bool = False
+    max_keys: int = 10_000
+    on: type[BaseException] | tuple[type[BaseException], ...] = Exception
+    clock: Callable[[], float] = field(default=time.monotonic, compare=False)
+
+    def __post_init__(self) -> None:
+        if not (0 < self.failure_rate <= 1):
+            raise ConfigurationError(
+                f"CircuitBreaker failure_rate={self.failure_rate!r} must be above 0 "
+                "and at most 1"
+            )
+        for name in ("window", "min_calls", "probes", "max_keys"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(
+                    f"CircuitBreaker {name}={value!r} must be an integer of at least 1"
+                )
+        if self.min_calls > self.window:
+            raise ConfigurationError(
+                f"CircuitBreaker min_calls={self.min_calls} must not exceed "
+                f"window={self.window}"
+            )
+        consecutive = self.consecutive_failures
+        if consecutive is not None and (
+            isinstance(consecutive, bool) or consecutive < 1
+        ):
+            raise ConfigurationError(
+                f"CircuitBreaker consecutive_failures={consecutive!r} must be at "
+                "least 1, or None"
+            )
+        timeout = self.reset_timeout
+        if not (
+            isinstance(timeout, int | float) and math.isfinite(timeout) and timeout > 0
+        ):
+            raise ConfigurationError(
+                f"CircuitBreaker reset_timeout={timeout!r} must be a positive number "
+                "of seconds"
+            )
+
+    def breakers(self) -> Breakers:
+        """Return new circuits with this policy, all closed."""
+        return Breakers(self)
+
+    def __call__(self, function: Callable[P, R]) -> Callable[P, R]:
+        """Protect ``function`` (sync or async) with one circuit.
+
+        While the circuit is open, a call fails at once with
+        `CircuitOpenError` (a decorated function has nothing to wait for).
+        A call through a closed or half-open circuit runs ``function``
+        exactly once.
+        """
+        circuits = self.breakers()
+        if inspect.iscoroutinefunction(function):
+
+            @functools.wraps(function)
+            async def guarded_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+                key = circuits.key_of(args[0]) if args else None
+                circuits.enter(key)
+                try:
+                    value = await function(*args, **kwargs)
+                except BaseException as error:
+                    circuits.record(key, error)
+                    raise
+                circuits.record(key, None)
+                return value
+
+            return guarded_async  # type: ignore[return-value]
+
+        @functools.wraps(function)
+        def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+            key = circuits.key_of(args[0]) if args else None
+            circuits.enter(key)
+            try:
+                value = function(*args, **kwargs)
+            except BaseException as error:
+                circuits.record(key, error)
+                raise
+            circuits.record(key, None)
+            return value
+
+        return guarded
+
+
+class Breaker:
+    """One circuit: its state and the recent results that decide it."""
+
+    def __init__(self, policy: CircuitBreaker, key: Any) -> None:
+        self.policy = policy
+        self.key = key
+        self.state = BreakerState.CLOSED
+        self._results: collections.deque[bool] = collections.deque(maxlen=policy.window)
+        self._failures_in_window = 0
+        self._in_a_row = 0
+        self._opened_at = 0.0
+        self._probes_started = 0
+        self._probes_passed = 0
+
+    def __repr__(self) -> str:
+        failed = self._failures_in_window
+        return (
+            f"<Breaker {self.key!r} {self.state.value} "
+            f"failed={failed}/{len(self._results)} in_a_row={self._in_a_row}>"
+        )
+
+    def wait_time(self, now: float) -> tuple[float, Transition | None]:
+        """Decide whether a call may start at ``now``; a start is counted.
+
+        Returns:
+            The seconds to wait (0.0 when the call may start now), and the
+            state change this caused, if any.
+        """
+        transition = None
+        if self.state is BreakerState.OPEN:
+            remaining = self._opened_at + self.policy.reset_timeout - now
+            if remaining > 0:
+                return remaining, None
+            transition = self._move(
+                BreakerState.HALF_OPEN, now, "the reset timeout passed"
+            )
+        if self.state is BreakerState.HALF_OPEN:
+            if self._probes_started >= self.policy.probes:
+                return _PROBE_RECHECK, transition
+            self._probes_started += 1
+        return 0.0, transition
+
+    def record(self, failed: bool, now: float) -> Transition | None:
+        """Count the result of a call that `wait_time` let start."""
+        if self.state is BreakerState.HALF_OPEN:
+            if failed:
+                return self._open(now, "a probe failed")
+            self._probes_passed += 1
+            if self._probes_passed >= self.policy.probes:
+                return self._move(BreakerState.CLOSED, now, "every probe succeeded")
+            return None
+        if self.state is BreakerState.OPEN:
+            return None  # A call that started before the circuit opened.
+        if len(self._results) == self._results.maxlen and self._results[0]:
+            self._failures_in_window -= 1
+        self._results.append(failed)
+        self._failures_in_window += failed
+        self._in_a_row = self._in_a_row + 1 if failed else 0
+        return self._check_thresholds(now)
+
+    def _check_thresholds(self, now: float) -> Transition | None:
+        policy = self.policy
+        if policy.consecutive_failures is not None and self._in_a_row >= (
+            policy.consecutive_failures
+        ):
+            return self._open(now, f"{self._in_a_row} calls failed in a row")
+        calls = len(self._results)
+        if calls >= policy.min_calls and (
+            self._failures_in_window >= policy.failure_rate * calls
+        ):
+            reason = f"{self._failures_in_window} of the last {calls} calls failed"
+            return self._open(now, reason)
+        return None
+
+    def _open(self, now: float, reason: str) -> Transition:
+        self._opened_at = now
+        return self._move(BreakerState.OPEN, now, reason)
+
+    def _move(self, new: BreakerState, now: float, reason: str) -> Transition:
+        old = self.state
+        if new not in BREAKER_TRANSITIONS[old]:
+            raise RuntimeError(f"circuit cannot go from {old.value} to {new.value}")
+        self.state = new
+        self._probes_started = 0
+        self._probes_passed = 0
+        if new is BreakerState.CLOSED:
+            self._results.clear()
+            self._failures_in_window = 0
+            self._in_a_row = 0
+        return Transition(self.key, old, new, now, reason)
+
+
+class Breakers:
+    """The circuits of one `CircuitBreaker` policy, one per key, in an LRU.
+
+    Attributes:
+        transitions: Every state change so far, oldest first.
+    """
+
+    def __init__(self, policy: CircuitBreaker) -> None:
+        self.policy = policy
+        self._circuits: cachetools.LRUCache[Any, Breaker] = cachetools.LRUCache(
+            maxsize=policy.max_keys
+        )
+        self._lock = threading.Lock()
+        self.transitions: list[Transition] = []
+
+    def __repr__(self) -> str:
+        open_count = sum(
+            1 for b in self._circuits.values() if b.state is not BreakerState.CLOSED
+        )
+        return f"<Breakers keys={len(self._circuits)} not_closed={open_count}>"
+
+    def key_of(self, item: Any) -> Any:
+        """Return the key of the circuit that guards ``item``."""
+        function = self.policy.key
+        return function(item) if function is not None else None
+
+    def circuit(self, key: Any) -> Breaker:
+        """Return the circuit of ``key``, making a closed one if needed."""
+        circuit = self._circuits.get(key)
+        if circuit is None:
+            circuit = self._circuits[key] = Breaker(self.policy, key)
+        return circuit
+
+    def wait_time(self, key: Any) -> float:
+        """Return 0.0 if a call under ``key`` may start now, else seconds to wait."""
+        with self._lock:
+            delay, transition = self.circuit(key).wait_time(self.policy.clock())
+            self._note(transition)
+            return delay
+
+    def enter(self, key: Any) -> None:
+        """Let a call start now, or fail it because the circuit is open.
+
+        Raises:
+            CircuitOpenError: The circuit is open or its probes are taken.
+        """
+        delay = self.wait_time(key)
+        if delay > 0:
+            raise CircuitOpenError(key, delay)
+
+    def record(self, key: Any, error: BaseException | None) -> None:
+        """Count a call's result; errors outside ``on`` do not count."""
+        if error is not None and not isinstance(error, self.policy.on):
+            failed = None
+        else:
+            failed = error is not None
+        with self._lock:
+            circuit = self.circuit(key)
+            if failed is None:
+                # Neither success nor failure: free a probe slot if it held one.
+                if circuit.state is BreakerState.HALF_OPEN and circuit._probes_started:
+                    circuit._probes_started -= 1
+                return
+            self._note(circuit.record(failed, self.policy.clock()))
+
+    async def wait(self, key: Any) -> None:
+        """Wait on the event loop until a call under ``key`` may start."""
+        while (delay := self.wait_time(key)) > 0:
+            await asyncio.sleep(delay)
+
+    def _note(self, transition: Transition | None) -> None:
+        if transition is not None:
+            self.transitions.append(transition)
