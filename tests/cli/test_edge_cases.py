@@ -181,3 +181,23 @@ def test_rate_limit_from_flag_and_job_file(tmp_path: Path) -> None:
     assert sorted(from_file.stdout.split()) == [b"a", b"b", b"c"]
     assert invalid.returncode == 2
     assert "invalid rate 'fast'" in error_lines(invalid.stderr)[0]
+
+
+def test_deadline_flags_stop_the_run(tmp_path: Path) -> None:
+    journal = tmp_path / "deadline.db"
+    run_options = ["run", "--journal", str(journal), "--deadline", "1s"]
+    item_options = ["run", "--no-journal", "--item-deadline", "1s", "--retries", "3"]
+    long_sleep = ["sh", "-c", "sleep 30.25", "sh", "{}"]
+
+    stopped = run_cli([*run_options, "sleep", "{}", ":::", "0", "30.5"], tmp_path)
+    item_limited = run_cli([*item_options, *long_sleep, ":::", "x"], tmp_path)
+    invalid = run_cli(
+        ["run", "--no-journal", "--deadline", "later", "true", ":::", "x"], tmp_path
+    )
+
+    assert stopped.returncode == 1
+    assert b"deadline" in stopped.stderr
+    assert sorted(items_by_state(journal).values()) == ["cancelled", "succeeded"]
+    assert item_limited.returncode == 1
+    assert b"timed out" in item_limited.stderr
+    assert invalid.returncode == 2

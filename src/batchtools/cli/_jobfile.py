@@ -44,6 +44,8 @@ class RunTable(_Strict):
     keep_order: bool | None = None
     halt: str | None = None
     rate: str | None = None
+    deadline: str | float | int | None = None
+    item_deadline: str | float | int | None = None
     results: str | None = None
     shell: bool | None = None
     max_args: int | None = None
@@ -64,12 +66,12 @@ class RunTable(_Strict):
             raise ValueError("must be 0 or more")
         return value
 
-    @field_validator("timeout")
+    @field_validator("timeout", "deadline", "item_deadline")
     @classmethod
     def _duration(cls, value: str | float | None) -> str | float | None:
         if value is not None:
             try:
-                parse_duration(value, name="timeout")
+                parse_duration(value, name="duration")
             except ConfigurationError as error:
                 raise ValueError(str(error)) from None
         return value

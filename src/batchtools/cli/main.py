@@ -42,6 +42,7 @@ from batchtools.engine._outcome import Report
 from batchtools.journal import Journal, RunRecord, count_states, iter_items, read_run
 from batchtools.observe._summary import preview, summary_lines
 from batchtools.policy.rate_limit import RateLimit
+from batchtools.policy.retry import Retry
 
 if TYPE_CHECKING:
     from batchtools.observe._progress import Progress
@@ -84,6 +85,8 @@ class RunOptions:
     keep_order: bool = False
     halt: str | None = None
     rate: str | None = None
+    deadline: str | None = None
+    item_deadline: str | None = None
     results: str | None = None
 
 
@@ -188,6 +191,19 @@ def main() -> None:
     default=None,
     help="Stop after N failures (or N%): now cancels running items, soon lets "
     "them finish.",
+)
+@click.option(
+    "--deadline",
+    metavar="DURATION",
+    default=None,
+    help="Stop the run after this long, such as 2h; resume runs the rest.",
+)
+@click.option(
+    "--item-deadline",
+    metavar="DURATION",
+    default=None,
+    help="Give up on an item this long after its first attempt started, "
+    "retries included.",
 )
 @click.option(
     "--rate",
@@ -440,6 +456,12 @@ def _plan_run(
         ),
         halt=pick("halt", run_table.halt if run_table else None, None),
         rate=pick("rate", run_table.rate if run_table else None, None),
+        deadline=_text(
+            pick("deadline", run_table.deadline if run_table else None, None)
+        ),
+        item_deadline=_text(
+            pick("item_deadline", run_table.item_deadline if run_table else None, None)
+        ),
         results=pick("results", run_table.results if run_table else None, None),
     )
     journal = pick("journal", run_table.journal if run_table else None, None)
@@ -611,7 +633,8 @@ def _execute(
         job = prepare(
             plan.task,
             concurrency=options.jobs,
-            retry=options.retries,
+            retry=_retry_policy(options),
+            deadline=options.deadline,
             timeout=options.timeout,
             backend=options.backend,
             batch_size=options.max_args,
@@ -675,6 +698,12 @@ def _execute(
     if mode == "resume" and report is not None and report.total == report.carried:
         code = EXIT_OK  # The run had already finished: nothing was left to do.
     sys.exit(code)
+
+
+def _retry_policy(options: RunOptions) -> Retry | int:
+    if options.item_deadline is None:
+        return options.retries
+    return Retry(attempts=options.retries + 1, deadline=options.item_deadline)
 
 
 def _check_results_folder(folder: str) -> None:

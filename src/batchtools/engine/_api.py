@@ -96,6 +96,7 @@ def prepare(
     batch_size: int | None = None,
     halt: Halt | str | None = None,
     policies: Sequence[object] = (),
+    deadline: float | str | None = None,
     ordered: bool = False,
     collect: bool = False,
     shell: bool = False,
@@ -114,6 +115,9 @@ def prepare(
     settings = Settings(
         retry=Retry.coerce(retry),
         timeout=None if timeout is None else parse_duration(timeout, name="timeout"),
+        deadline=(
+            None if deadline is None else parse_duration(deadline, name="deadline")
+        ),
         batch_size=batch,
         halt=Halt.parse(halt) if isinstance(halt, str) else halt,
         rate_limiter=rate_limiter,
@@ -130,7 +134,11 @@ def prepare(
     # Attempts may queue ahead of threads and worker processes, unless an attempt's
     # clock must start when it starts (a timeout) or a failure must stop
     # the next items from starting (a halt).
-    queue_ahead = settings.timeout is None and settings.halt is None
+    queue_ahead = (
+        settings.timeout is None
+        and settings.halt is None
+        and settings.retry.deadline_seconds is None
+    )
     made = _make_backend(task, chosen, width, batch, shell, env, queue_ahead)
     description = {
         "task": name,
@@ -355,6 +363,7 @@ async def arun(
     batch_size: int | None = None,
     halt: Halt | str | None = None,
     policies: Sequence[object] = (),
+    deadline: float | str | None = None,
     observers: Sequence[Observer] = (),
     force: bool = False,
     shell: bool = False,
@@ -372,6 +381,7 @@ async def arun(
         batch_size=batch_size,
         halt=halt,
         policies=policies,
+        deadline=deadline,
         collect=True,
         shell=shell,
         env=env,
@@ -398,6 +408,7 @@ def run(
     batch_size: int | None = None,
     halt: Halt | str | None = None,
     policies: Sequence[object] = (),
+    deadline: float | str | None = None,
     observers: Sequence[Observer] = (),
     force: bool = False,
     shell: bool = False,
@@ -425,6 +436,9 @@ def run(
         key: A function giving each item's key, instead of a content hash.
         batch_size: Hand the task lists of up to this many items.
         halt: Stop early on failures, such as ``"now,fail=1"``.
+        policies: Policy objects: a `RateLimit`, a `CircuitBreaker`.
+        deadline: Seconds (or ``"2h"``) after which the run stops; items it
+            cancels are run by a resume.
         observers: Receivers of the engine's events.
         force: Resume a journal whose run had a different signature.
         shell: Run a command template through ``/bin/sh``.
@@ -450,6 +464,7 @@ def run(
         "batch_size": batch_size,
         "halt": halt,
         "policies": policies,
+        "deadline": deadline,
         "observers": observers,
         "force": force,
         "shell": shell,
@@ -590,6 +605,7 @@ def astream(
     batch_size: int | None = None,
     halt: Halt | str | None = None,
     policies: Sequence[object] = (),
+    deadline: float | str | None = None,
     observers: Sequence[Observer] = (),
     force: bool = False,
     shell: bool = False,
@@ -611,6 +627,7 @@ def astream(
         batch_size=batch_size,
         halt=halt,
         policies=policies,
+        deadline=deadline,
         ordered=ordered,
         shell=shell,
         env=env,
@@ -706,6 +723,7 @@ def stream(
     batch_size: int | None = None,
     halt: Halt | str | None = None,
     policies: Sequence[object] = (),
+    deadline: float | str | None = None,
     observers: Sequence[Observer] = (),
     force: bool = False,
     shell: bool = False,
@@ -735,6 +753,7 @@ def stream(
             batch_size=batch_size,
             halt=halt,
             policies=policies,
+            deadline=deadline,
             observers=observers,
             force=force,
             shell=shell,

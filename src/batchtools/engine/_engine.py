@@ -113,6 +113,8 @@ class Settings:
             it in its slot, so retries count too.
         breakers: Circuit breakers; an item whose circuit is open waits
             outside any slot, or fails at once with ``fail_fast``.
+        deadline: Seconds after which the run stops: nothing new starts,
+            and attempts in flight are cancelled.
         store_value: Turns a value into the JSON text kept in the journal,
             or ``None`` to keep none.
         run_id: The run's id; new runs get a random one.
@@ -128,6 +130,7 @@ class Settings:
     store_value: Callable[[Any], str | None] | None = None
     rate_limiter: RateLimiter | None = None
     breakers: Breakers | None = None
+    deadline: float | None = None
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
@@ -348,7 +351,13 @@ class Engine:
             self.journal.start(loop, self._on_commit, self._on_journal_error)
         for observer in self.observers:
             observer.on_start(self)
-        sweeper = loop.create_task(self._sweep()) if self.settings.timeout else None
+        timed = self.settings.timeout or self.settings.retry.deadline_seconds
+        sweeper = loop.create_task(self._sweep()) if timed else None
+        run_deadline = None
+        if self.settings.deadline is not None:
+            run_deadline = loop.call_later(
+                self.settings.deadline, self._deadline_passed
+            )
         watchdog = loop.create_task(_watch_stalls())
         try:
             await self.backend.start()
@@ -366,6 +375,8 @@ class Engine:
                 raise
         finally:
             watchdog.cancel()
+            if run_deadline is not None:
+                run_deadline.cancel()
             if sweeper is not None:
                 sweeper.cancel()
             await self.backend.aclose(
@@ -642,7 +653,7 @@ class Engine:
         started = time.time()
         if job.first_started is None:
             job.first_started = started
-        call = Call(job.item, lambda: self._context(job), self.settings.timeout)
+        call = Call(job.item, lambda: self._context(job), self._attempt_timeout(job))
         call.owner = owner
         self._active[call] = job
         if call.timeout is not None:
@@ -683,6 +694,25 @@ class Engine:
             self._succeeded(job, value, started, duration)
         else:
             self._batch_succeeded(job, value, started, duration)
+
+    def _attempt_timeout(self, job: _Job) -> float | None:
+        """Return the attempt's timeout, cut short by the item's deadline."""
+        timeout = self.settings.timeout
+        deadline = self.settings.retry.deadline_seconds
+        if deadline is None or job.first_started is None:
+            return timeout
+        remaining = max(job.first_started + deadline - time.time(), 1e-3)
+        return remaining if timeout is None else min(timeout, remaining)
+
+    def _deadline_passed(self) -> None:
+        """Stop the run when its deadline passes; what runs is cancelled."""
+        assert self.settings.deadline is not None
+        if self._stopping is None and self.report.halted is None:
+            self.report.halted = (
+                f"the run's deadline of {self.settings.deadline:g} s passed"
+            )
+            log.warning("halting run %s: %s", self.run_id, self.report.halted)
+            self.stop(f"halted: {self.report.halted}", cancel=True)
 
     def _circuit_allows(self, job: _Job, breakers: Breakers) -> bool:
         """Let ``job`` start if its circuit allows; else park or fail it."""

@@ -117,7 +117,8 @@ class Retry:
         exit_codes: For command tasks, the exit statuses that are retried;
             ``None`` retries every non-zero status.
         backoff: The wait between attempts.
-        deadline: Seconds (or a `timedelta`) after an item's first attempt
+        deadline: Seconds (or a `timedelta`, or text such as ``"10m"``) after an
+            item's first attempt
             started, after which no further attempt of it starts.
         lost_workers: How many worker deaths one item may cause before it
             fails as a poison item. This budget is separate from
@@ -131,7 +132,7 @@ class Retry:
     on: ErrorFilter = Exception
     exit_codes: frozenset[int] | None = None
     backoff: Backoff = field(default_factory=Backoff)
-    deadline: float | timedelta | None = None
+    deadline: float | str | timedelta | None = None
     lost_workers: int = 2
 
     def __post_init__(self) -> None:
