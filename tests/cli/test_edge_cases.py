@@ -201,3 +201,35 @@ def test_deadline_flags_stop_the_run(tmp_path: Path) -> None:
     assert item_limited.returncode == 1
     assert b"timed out" in item_limited.stderr
     assert invalid.returncode == 2
+
+
+def test_breaker_flag_pauses_after_failures(tmp_path: Path) -> None:
+    failing_first_two = ["sh", "-c", "exit $(( $1 < 3 ))", "sh", "{}"]
+    options = ["run", "--no-journal", "-j", "1", "--breaker", "2"]
+
+    result = run_cli(
+        [
+            *options,
+            "--breaker-reset",
+            "100ms",
+            *failing_first_two,
+            ":::",
+            "1",
+            "2",
+            "3",
+        ],
+        tmp_path,
+    )
+    invalid = run_cli(
+        ["run", "--no-journal", "--breaker", "often", "true", ":::", "x"], tmp_path
+    )
+    reset_alone = run_cli(
+        ["run", "--no-journal", "--breaker-reset", "1s", "true", ":::", "x"], tmp_path
+    )
+
+    assert result.returncode == 1
+    assert b"Circuit breakers opened 1 time;" in result.stderr
+    assert b"2 failed" in result.stderr
+    assert invalid.returncode == 2
+    assert "invalid circuit breaker 'often'" in error_lines(invalid.stderr)[0]
+    assert reset_alone.returncode == 2

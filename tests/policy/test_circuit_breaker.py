@@ -236,3 +236,30 @@ def test_errors_outside_on_do_not_count() -> None:
     breakers.record(None, KeyError("not a failure of the service"))
 
     assert breakers.circuit(None).state is BreakerState.CLOSED
+
+
+def test_parse_reads_both_forms() -> None:
+    in_a_row = CircuitBreaker.parse("5", reset_timeout="2s")
+    share = CircuitBreaker.parse("50%/20")
+
+    assert in_a_row.consecutive_failures == 5
+    assert in_a_row.reset_timeout == 2.0
+    assert share.failure_rate == 0.5
+    assert share.window == 20
+    assert share.min_calls == 10
+
+
+def test_parsed_in_a_row_breaker_ignores_single_failures() -> None:
+    breakers = CircuitBreaker.parse("3").breakers()
+
+    for failed in (True, False, True, True, False):
+        breakers.wait_time(None)
+        breakers.record(None, Boom() if failed else None)
+
+    assert breakers.circuit(None).state is BreakerState.CLOSED
+
+
+@pytest.mark.parametrize("text", ["often", "0", "0%/20", "50%", "50%/0", "-1"])
+def test_parse_rejects_other_forms(text: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"circuit breaker|CircuitBreaker"):
+        CircuitBreaker.parse(text)

@@ -44,6 +44,8 @@ class RunTable(_Strict):
     keep_order: bool | None = None
     halt: str | None = None
     rate: str | None = None
+    breaker: str | None = None
+    breaker_reset: str | float | int | None = None
     deadline: str | float | int | None = None
     item_deadline: str | float | int | None = None
     results: str | None = None
@@ -66,7 +68,7 @@ class RunTable(_Strict):
             raise ValueError("must be 0 or more")
         return value
 
-    @field_validator("timeout", "deadline", "item_deadline")
+    @field_validator("timeout", "deadline", "item_deadline", "breaker_reset")
     @classmethod
     def _duration(cls, value: str | float | None) -> str | float | None:
         if value is not None:

@@ -41,6 +41,7 @@ from batchtools.engine._engine import Observer
 from batchtools.engine._outcome import Report
 from batchtools.journal import Journal, RunRecord, count_states, iter_items, read_run
 from batchtools.observe._summary import preview, summary_lines
+from batchtools.policy.circuit_breaker import CircuitBreaker
 from batchtools.policy.rate_limit import RateLimit
 from batchtools.policy.retry import Retry
 
@@ -85,6 +86,8 @@ class RunOptions:
     keep_order: bool = False
     halt: str | None = None
     rate: str | None = None
+    breaker: str | None = None
+    breaker_reset: str | None = None
     deadline: str | None = None
     item_deadline: str | None = None
     results: str | None = None
@@ -204,6 +207,19 @@ def main() -> None:
     default=None,
     help="Give up on an item this long after its first attempt started, "
     "retries included.",
+)
+@click.option(
+    "--breaker",
+    metavar="N|P%/W",
+    default=None,
+    help="Pause starting items after N failures in a row, or when P percent of "
+    "the last W attempts failed; probe again after --breaker-reset.",
+)
+@click.option(
+    "--breaker-reset",
+    metavar="DURATION",
+    default=None,
+    help="How long an open circuit breaker waits before it probes.  [default: 30s]",
 )
 @click.option(
     "--rate",
@@ -456,6 +472,10 @@ def _plan_run(
         ),
         halt=pick("halt", run_table.halt if run_table else None, None),
         rate=pick("rate", run_table.rate if run_table else None, None),
+        breaker=pick("breaker", run_table.breaker if run_table else None, None),
+        breaker_reset=_text(
+            pick("breaker_reset", run_table.breaker_reset if run_table else None, None)
+        ),
         deadline=_text(
             pick("deadline", run_table.deadline if run_table else None, None)
         ),
@@ -639,7 +659,7 @@ def _execute(
             backend=options.backend,
             batch_size=options.max_args,
             halt=options.halt,
-            policies=[RateLimit.parse(options.rate)] if options.rate else (),
+            policies=_policies(options),
             ordered=options.keep_order,
             spec={"cli": asdict(options)},
         )
@@ -698,6 +718,18 @@ def _execute(
     if mode == "resume" and report is not None and report.total == report.carried:
         code = EXIT_OK  # The run had already finished: nothing was left to do.
     sys.exit(code)
+
+
+def _policies(options: RunOptions) -> list[object]:
+    policies: list[object] = []
+    if options.rate is not None:
+        policies.append(RateLimit.parse(options.rate))
+    if options.breaker is not None:
+        reset = options.breaker_reset or "30s"
+        policies.append(CircuitBreaker.parse(options.breaker, reset_timeout=reset))
+    elif options.breaker_reset is not None:
+        raise ConfigurationError("--breaker-reset needs --breaker")
+    return policies
 
 
 def _retry_policy(options: RunOptions) -> Retry | int:

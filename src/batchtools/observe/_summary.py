@@ -57,11 +57,11 @@ def summary_lines(
         lines.append(f"Attempts waited for the rate limit {report.rate_limited} times.")
     if report.circuit_transitions:
         opened = sum(1 for t in report.circuit_transitions if t.new.value == "open")
+        last = report.circuit_transitions[-1]
+        circuit = "the circuit" if last.key is None else f"the circuit of {last.key!r}"
         lines.append(
-            f"Circuit breakers opened {opened} times; the last change: "
-            f"{report.circuit_transitions[-1].key!r} became "
-            f"{report.circuit_transitions[-1].new.value} "
-            f"({report.circuit_transitions[-1].reason})."
+            f"Circuit breakers opened {opened} time{'s' if opened != 1 else ''}; "
+            f"last, {circuit} became {last.new.value} ({last.reason})."
         )
     if report.halted:
         lines.append(f"Halted: {report.halted}.")

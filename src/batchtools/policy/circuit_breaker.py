@@ -21,6 +21,7 @@ import enum
 import functools
 import inspect
 import math
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from typing import Any, ParamSpec, TypeVar
 import cachetools
 
 from batchtools._exceptions import CircuitOpenError, ConfigurationError
+from batchtools.policy._units import parse_duration
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -48,6 +50,10 @@ BREAKER_TRANSITIONS: dict[BreakerState, frozenset[BreakerState]] = {
     BreakerState.OPEN: frozenset({BreakerState.HALF_OPEN}),
     BreakerState.HALF_OPEN: frozenset({BreakerState.CLOSED, BreakerState.OPEN}),
 }
+
+_SPEC = re.compile(
+    r"\s*(?:(?P<in_a_row>\d+)|(?P<percent>\d+(?:\.\d+)?)%/(?P<window>\d+))\s*"
+)
 
 # How often a call that waits for the probes of a half-open circuit asks again.
 _PROBE_RECHECK = 0.05
@@ -145,6 +151,45 @@ class CircuitBreaker:
                 f"CircuitBreaker reset_timeout={timeout!r} must be a positive number "
                 "of seconds"
             )
+
+    @classmethod
+    def parse(
+        cls, text: str, *, reset_timeout: float | str = 30.0, fail_fast: bool = False
+    ) -> CircuitBreaker:
+        """Read a breaker such as ``5`` (5 failures in a row) or ``50%/20``.
+
+        ``P%/W`` opens when P percent of the last W calls failed, once half of
+        W calls were made.
+
+        Raises:
+            ConfigurationError: The text has another form.
+        """
+        timeout = parse_duration(reset_timeout, name="breaker reset timeout")
+        match = _SPEC.fullmatch(text)
+        if match is None:
+            raise ConfigurationError(
+                f"invalid circuit breaker {text!r}: use N (N failures in a row) or "
+                "P%/W (P percent of the last W calls), such as '5' or '50%/20'"
+            )
+        if match["in_a_row"]:
+            # All of the last N calls failed is the same rule as N in a row.
+            in_a_row = max(int(match["in_a_row"]), 1)
+            return cls(
+                failure_rate=1.0,
+                window=in_a_row,
+                min_calls=in_a_row,
+                consecutive_failures=int(match["in_a_row"]),
+                reset_timeout=timeout,
+                fail_fast=fail_fast,
+            )
+        window = int(match["window"])
+        return cls(
+            failure_rate=float(match["percent"]) / 100,
+            window=window,
+            min_calls=max(1, window // 2),
+            reset_timeout=timeout,
+            fail_fast=fail_fast,
+        )
 
     def breakers(self) -> Breakers:
         """Return new circuits with this policy, all closed."""
