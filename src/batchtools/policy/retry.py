@@ -92,6 +92,8 @@ class Backoff:
 
     def delay(self, retry_number: int, rng: random.Random | None = None) -> float:
         """Draw the wait in seconds before retry ``retry_number`` (from 1)."""
+        if TEST_MODE.no_waits:
+            return 0.0
         bound = self.bound(retry_number)
         if not self.jitter:
             return bound
@@ -217,7 +219,26 @@ class Retry:
             return False
         if isinstance(error, WorkerLostError):
             return lost_workers < self.lost_workers
+        cap = TEST_MODE.max_attempts
+        if cap is not None and attempt >= cap:
+            return False
         return self.attempts is None or attempt < self.attempts
 
 
 NO_RETRY = Retry(attempts=1)
+
+
+@dataclass(slots=True)
+class _TestMode:
+    """Process-wide switches set by `batchtools.testing.fast_retries`.
+
+    Attributes:
+        no_waits: Backoff waits are zero.
+        max_attempts: A cap on attempts per item, whatever the policy says.
+    """
+
+    no_waits: bool = False
+    max_attempts: int | None = None
+
+
+TEST_MODE = _TestMode()
