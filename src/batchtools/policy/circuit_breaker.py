@@ -277,6 +277,11 @@ class Breaker:
             self._probes_started += 1
         return 0.0, transition
 
+    def release_probe(self) -> None:
+        """Give back a probe whose call ended neither in success nor failure."""
+        if self.state is BreakerState.HALF_OPEN and self._probes_started:
+            self._probes_started -= 1
+
     def record(self, failed: bool, now: float) -> Transition | None:
         """Count the result of a call that `wait_time` let start."""
         if self.state is BreakerState.HALF_OPEN:
@@ -386,9 +391,7 @@ class Breakers:
         with self._lock:
             circuit = self.circuit(key)
             if failed is None:
-                # Neither success nor failure: free a probe slot if it held one.
-                if circuit.state is BreakerState.HALF_OPEN and circuit._probes_started:
-                    circuit._probes_started -= 1
+                circuit.release_probe()
                 return
             self._note(circuit.record(failed, self.policy.clock()))
 
