@@ -13,6 +13,7 @@ The tree, grouped by what the caller can do about each family::
         ├── AttemptTimeoutError   the attempt ran past its timeout
         ├── CircuitOpenError      a circuit breaker is open for the item's key
         ├── CommandFailedError    a command exited non-zero or died by a signal
+        ├── FallbackError         every strategy of a fallback chain failed
         ├── WorkerLostError       the worker process died during the attempt
         └── RemoteError           stand-in for an exception that could not be
                                   sent back from a worker process
@@ -111,6 +112,27 @@ class CircuitOpenError(AttemptError):
         return (
             f"circuit open{where}; it lets a probe through in {self.retry_after:.1f} s"
         )
+
+
+class FallbackError(AttemptError):
+    """Every strategy of a fallback chain failed.
+
+    Attributes:
+        strategies: The strategies' names, in the order they were tried.
+        errors: Each strategy's error, in the same order.
+    """
+
+    def __init__(self, strategies: list[str], errors: list[BaseException]) -> None:
+        super().__init__(strategies, errors)
+        self.strategies = strategies
+        self.errors = errors
+
+    def __str__(self) -> str:
+        parts = [
+            f"{name}: {type(error).__name__}: {error}"
+            for name, error in zip(self.strategies, self.errors, strict=True)
+        ]
+        return "every strategy failed; " + "; ".join(parts)
 
 
 class CommandFailedError(AttemptError):

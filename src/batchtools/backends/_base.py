@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchtools.policy.fallback import Fallback
+
 
 @dataclass(slots=True)
 class Context:
@@ -88,6 +90,8 @@ class TaskSpec:
     @property
     def is_async(self) -> bool:
         """Whether calling the function returns an awaitable."""
+        if isinstance(self.function, Fallback):
+            return self.function.is_async
         return inspect.iscoroutinefunction(self.function) or (
             inspect.iscoroutinefunction(getattr(self.function, "__call__", None))  # noqa: B004 - the method itself is inspected
         )

@@ -55,6 +55,7 @@ from batchtools.engine._outcome import (
 )
 from batchtools.journal import ItemRow, Journal
 from batchtools.policy.circuit_breaker import Breakers
+from batchtools.policy.fallback import FallbackValue
 from batchtools.policy.rate_limit import RateLimiter
 from batchtools.policy.retry import NO_RETRY, Retry
 
@@ -801,6 +802,10 @@ class Engine:
     def _succeeded(
         self, job: _Job, value: Any, started: float, duration: float
     ) -> None:
+        strategy = None
+        if type(value) is FallbackValue:
+            strategy = value.strategy
+            value = value.value
         attempts = job.attempts
         if attempts is not None or self.settings.collect:
             attempts = attempts or []
@@ -812,6 +817,7 @@ class Engine:
             State.SUCCEEDED,
             value,
             attempts=attempts or [],
+            strategy=strategy,
         )
         op = None
         if self.journal is not None:

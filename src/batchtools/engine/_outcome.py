@@ -89,6 +89,8 @@ class Outcome:
         reason: Why the item was skipped or cancelled.
         source: ``"run"``, or ``"journal"`` for an item finished in an
             earlier session of the same run.
+        strategy: The fallback strategy that produced the value, when the
+            task is a `Fallback`.
     """
 
     __slots__ = (
@@ -100,6 +102,7 @@ class Outcome:
         "seq",
         "source",
         "state",
+        "strategy",
         "value",
     )
 
@@ -114,6 +117,7 @@ class Outcome:
         attempts: list[Attempt] | None = None,
         reason: str | None = None,
         source: str = "run",
+        strategy: str | None = None,
     ) -> None:
         self.seq = seq
         self._key = key
@@ -124,6 +128,7 @@ class Outcome:
         self.attempts = attempts if attempts is not None else []
         self.reason = reason
         self.source = source
+        self.strategy = strategy
 
     @property
     def key(self) -> str:

@@ -6,6 +6,7 @@ from batchtools.policy.circuit_breaker import (
     CircuitBreaker,
     Transition,
 )
+from batchtools.policy.fallback import Fallback, FallbackValue
 from batchtools.policy.rate_limit import RateLimit, RateLimiter
 from batchtools.policy.retry import NO_RETRY, Backoff, Retry
 
@@ -14,6 +15,8 @@ __all__ = [
     "Backoff",
     "BreakerState",
     "CircuitBreaker",
+    "Fallback",
+    "FallbackValue",
     "RateLimit",
     "RateLimiter",
     "Retry",
