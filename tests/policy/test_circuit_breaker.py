@@ -263,3 +263,27 @@ def test_parsed_in_a_row_breaker_ignores_single_failures() -> None:
 def test_parse_rejects_other_forms(text: str) -> None:
     with pytest.raises(ConfigurationError, match=r"circuit breaker|CircuitBreaker"):
         CircuitBreaker.parse(text)
+
+
+def test_late_result_of_an_older_call_is_ignored() -> None:
+    clock = FakeClock()
+    breakers = CircuitBreaker(
+        consecutive_failures=1, reset_timeout=5, clock=clock
+    ).breakers()
+    slow_delay, slow_generation = breakers.admit(None)
+    breakers.wait_time(None)
+    breakers.record(None, Boom())
+    clock.now = 5.0
+    probe_delay, probe_generation = breakers.admit(None)
+
+    breakers.record(None, None, slow_generation)
+
+    assert slow_delay == 0.0
+    assert probe_delay == 0.0
+    assert probe_generation != slow_generation
+    assert breakers.circuit(None).state is BreakerState.HALF_OPEN
+
+
+def test_predicate_for_on_is_rejected() -> None:
+    with pytest.raises(ConfigurationError, match="exception type"):
+        CircuitBreaker(on=lambda error: True)  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import time
 
 import pytest
@@ -167,3 +168,62 @@ def test_run_waits_for_the_rate_limit() -> None:
 def test_run_rejects_unknown_policy() -> None:
     with pytest.raises(ConfigurationError, match="supported policies"):
         batchtools.run([1], lambda item: item, policies=[object()])
+
+
+def test_leaving_stream_ends_a_long_rate_wait() -> None:
+    async def task(item: int) -> int:
+        return item
+
+    started = time.monotonic()
+    with batchtools.stream(
+        range(10), task, concurrency=4, policies=[RateLimit.parse("1/m")]
+    ) as outcomes:
+        first = next(iter(outcomes))
+    elapsed = time.monotonic() - started
+
+    assert first.ok
+    # The next start would be a minute away; leaving must not wait for it.
+    assert elapsed < 30
+
+
+def test_thread_backend_counts_starts_when_they_happen() -> None:
+    starts: list[float] = []
+
+    def task(item: int) -> int:
+        starts.append(time.monotonic())
+        if item % 4 == 0:
+            time.sleep(0.3)
+        return item
+
+    report = batchtools.run(
+        range(9), task, concurrency=1, backend="thread", policies=[RateLimit(10.0)]
+    )
+
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    assert report.counts["succeeded"] == 9
+    # The limit spaces starts 0.1 s apart; attempts queued ahead of the
+    # thread would start back to back after each slow one. Half the spacing
+    # leaves room for a late thread wakeup.
+    assert min(gaps) >= 0.05
+    assert report.rate_limited <= 9
+
+
+def test_failing_key_function_fails_only_its_item() -> None:
+    def key(item: int) -> int:
+        if item == 2:
+            raise LookupError("no host for item 2")
+        return item
+
+    async def task(item: int) -> int:
+        return item
+
+    report = batchtools.run([1, 2, 3], task, policies=[RateLimit(1000.0, key=key)])
+
+    assert report.counts["succeeded"] == 2
+    assert isinstance(report.outcomes[1].error, LookupError)
+
+
+@pytest.mark.parametrize("text", ["20/.s", "٢٠/s", "1" + "0" * 400 + "/s", ""])
+def test_parse_rejects_malformed_numbers(text: str) -> None:
+    with pytest.raises(ConfigurationError, match="invalid rate"):
+        RateLimit.parse(text)

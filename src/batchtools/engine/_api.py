@@ -131,13 +131,16 @@ def prepare(
             f"concurrency={width} is more than {MAX_CONCURRENCY:,}; "
             "use a smaller number"
         )
-    # Attempts may queue ahead of threads and worker processes, unless an attempt's
-    # clock must start when it starts (a timeout) or a failure must stop
-    # the next items from starting (a halt).
+    # Attempts may queue ahead of threads and worker processes, unless an
+    # attempt's clock must start when it starts (a timeout, a deadline), a
+    # failure must stop the next items from starting (a halt, a circuit
+    # breaker), or starts must be counted when they happen (a rate limit).
     queue_ahead = (
         settings.timeout is None
         and settings.halt is None
         and settings.retry.deadline_seconds is None
+        and settings.rate_limiter is None
+        and settings.breakers is None
     )
     made = _make_backend(task, chosen, width, batch, shell, env, queue_ahead)
     description = {

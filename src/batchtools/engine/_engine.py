@@ -149,6 +149,7 @@ class _Job:
     attempts: list[Attempt] | None = None
     members: list[_Job] | None = None
     running_recorded: int = 0
+    circuit_generation: int | None = None
 
 
 def store_json(value: Any) -> str | None:
@@ -241,6 +242,8 @@ class Engine:
         self._stopping: str | None = None
         self._cancelling = False
         self._aborted: BaseException | None = None
+        # Resolved by the first stop; waits that a stop must end watch it.
+        self._stopped: asyncio.Future[None] | None = None
         self._abort_message: str | None = None
         self._rng = random.Random()
         self._timeouts: list[tuple[float, int, Call]] = []
@@ -305,6 +308,8 @@ class Engine:
             log.info("run %s stopping: %s", self.run_id, reason)
             self.backend.stop_queued(Interrupted(reason))
             self._wake_all()
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
         if cancel and not self._cancelling:
             self._cancelling = True
             for call in list(self._active):
@@ -345,6 +350,9 @@ class Engine:
                 committed is kept.
         """
         loop = asyncio.get_running_loop()
+        self._stopped = loop.create_future()
+        if self._stopping is not None:
+            self._stopped.set_result(None)
         report = self.report
         report.started = time.time()
         began = time.perf_counter()
@@ -388,8 +396,6 @@ class Engine:
             stats = self.backend.statistics()
             report.abandoned_threads = stats.abandoned_threads
             report.workers_lost = stats.workers_lost
-            if self.settings.rate_limiter is not None:
-                report.rate_limited = self.settings.rate_limiter.waits
             report.duration = time.perf_counter() - began
             report.interrupted = self._stopping is not None and report.halted is None
         self._drain_reorder(final=True)
@@ -648,8 +654,12 @@ class Engine:
         breakers = self.settings.breakers
         if breakers is not None and not self._circuit_allows(job, breakers):
             return
-        if self.settings.rate_limiter is not None and not await self._rate_allows(job):
-            return
+        if self.settings.rate_limiter is not None:
+            if not await self._rate_allows(job):
+                return
+            # The circuit may have opened while this item waited its turn.
+            if breakers is not None and not self._circuit_allows(job, breakers):
+                return
         job.attempt += 1
         started = time.time()
         if job.first_started is None:
@@ -717,9 +727,13 @@ class Engine:
 
     def _circuit_allows(self, job: _Job, breakers: Breakers) -> bool:
         """Let ``job`` start if its circuit allows; else park or fail it."""
-        key = breakers.key_of(job.item if job.members is None else job.members[0].item)
+        try:
+            key = breakers.key_of(_first_item(job))
+        except Exception as error:
+            self._fail_for_good(job, error, time.time(), 0.0)
+            return False
         seen = len(breakers.transitions)
-        delay = breakers.wait_time(key)
+        delay, job.circuit_generation = breakers.admit(key)
         self._note_transitions(breakers, seen)
         if delay == 0.0:
             return True
@@ -738,9 +752,9 @@ class Engine:
         if breakers is None or isinstance(error, Interrupted):
             # An interrupted attempt says nothing about the service.
             return
-        key = breakers.key_of(job.item if job.members is None else job.members[0].item)
+        key = breakers.key_of(_first_item(job))
         seen = len(breakers.transitions)
-        breakers.record(key, error)
+        breakers.record(key, error, job.circuit_generation)
         self._note_transitions(breakers, seen)
 
     def _note_transitions(self, breakers: Breakers, seen: int) -> None:
@@ -767,12 +781,22 @@ class Engine:
                 )
 
     async def _rate_allows(self, job: _Job) -> bool:
-        """Wait until the rate limit lets ``job`` start; false if the run stops."""
+        """Wait until the rate limit lets ``job`` start; false if it may not."""
         limiter = self.settings.rate_limiter
         assert limiter is not None
-        key = limiter.key_of(job.item if job.members is None else job.members[0].item)
+        try:
+            key = limiter.key_of(_first_item(job))
+        except Exception as error:
+            self._fail_for_good(job, error, time.time(), 0.0)
+            return False
+        waited = False
         while (delay := limiter.try_start(key)) > 0:
-            await asyncio.sleep(delay)
+            if not waited:
+                waited = True
+                self.report.rate_limited += 1
+            # A stop wakes the wait at once, however long the delay.
+            assert self._stopped is not None
+            await asyncio.wait([self._stopped], timeout=delay)
             if self._stopping is not None:
                 self._cancelled(job, self._stopping)
                 return False
@@ -1151,6 +1175,11 @@ async def _watch_stalls(period: float = 0.25, limit: float = 1.0) -> None:
 
 def _block_size(batch_size: int) -> int:
     return max(256, batch_size * 16)
+
+
+def _first_item(job: _Job) -> Any:
+    """Return the item of ``job``, or the first item of a batch."""
+    return job.item if job.members is None else job.members[0].item
 
 
 def _lazy_key(job: _Job) -> str:

@@ -261,7 +261,7 @@ class Report:
         abandoned_threads: Thread attempts given up on whose thread was
             still running at the end.
         workers_lost: Worker processes that died during an attempt.
-        rate_limited: Times an attempt waited for the rate limit.
+        rate_limited: Attempts that had to wait for the rate limit.
         circuit_transitions: Every change of a circuit breaker's state.
         unnumbered: Whether keys of repeated items still need their
             occurrence numbers (a run without a journal).

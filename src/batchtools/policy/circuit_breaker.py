@@ -55,8 +55,12 @@ _SPEC = re.compile(
     r"\s*(?:(?P<in_a_row>\d+)|(?P<percent>\d+(?:\.\d+)?)%/(?P<window>\d+))\s*"
 )
 
-# How often a call that waits for the probes of a half-open circuit asks again.
-_PROBE_RECHECK = 0.05
+# How often a call that waits for the probes of a half-open circuit checks
+# again: a share of the reset timeout, within these bounds.
+_PROBE_RECHECK_MIN = 0.05
+_PROBE_RECHECK_MAX = 1.0
+# Tolerance when comparing the failure share with the threshold.
+_EPSILON = 1e-9
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +114,7 @@ class CircuitBreaker:
     window: int = 20
     min_calls: int = 10
     consecutive_failures: int | None = None
-    reset_timeout: float = 30.0
+    reset_timeout: float | str = 30.0
     probes: int = 1
     key: Callable[[Any], Any] | None = None
     fail_fast: bool = False
@@ -119,7 +123,15 @@ class CircuitBreaker:
     clock: Callable[[], float] = field(default=time.monotonic, compare=False)
 
     def __post_init__(self) -> None:
-        if not (0 < self.failure_rate <= 1):
+        if isinstance(self.reset_timeout, str):
+            seconds = parse_duration(self.reset_timeout, name="reset_timeout")
+            object.__setattr__(self, "reset_timeout", seconds)
+        if not isinstance(self.on, type | tuple) or not _exception_types(self.on):
+            raise ConfigurationError(
+                f"CircuitBreaker on={self.on!r} must be an exception type or a "
+                "tuple of them"
+            )
+        if isinstance(self.failure_rate, bool) or not (0 < self.failure_rate <= 1):
             raise ConfigurationError(
                 f"CircuitBreaker failure_rate={self.failure_rate!r} must be above 0 "
                 "and at most 1"
@@ -137,15 +149,19 @@ class CircuitBreaker:
             )
         consecutive = self.consecutive_failures
         if consecutive is not None and (
-            isinstance(consecutive, bool) or consecutive < 1
+            isinstance(consecutive, bool)
+            or not isinstance(consecutive, int)
+            or consecutive < 1
         ):
             raise ConfigurationError(
                 f"CircuitBreaker consecutive_failures={consecutive!r} must be at "
                 "least 1, or None"
             )
         timeout = self.reset_timeout
-        if not (
-            isinstance(timeout, int | float) and math.isfinite(timeout) and timeout > 0
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not (math.isfinite(timeout) and timeout > 0)
         ):
             raise ConfigurationError(
                 f"CircuitBreaker reset_timeout={timeout!r} must be a positive number "
@@ -209,13 +225,13 @@ class CircuitBreaker:
             @functools.wraps(function)
             async def guarded_async(*args: P.args, **kwargs: P.kwargs) -> Any:
                 key = circuits.key_of(args[0]) if args else None
-                circuits.enter(key)
+                generation = circuits.enter(key)
                 try:
                     value = await function(*args, **kwargs)
                 except BaseException as error:
-                    circuits.record(key, error)
+                    circuits.record(key, error, generation)
                     raise
-                circuits.record(key, None)
+                circuits.record(key, None, generation)
                 return value
 
             return guarded_async  # type: ignore[return-value]
@@ -223,16 +239,22 @@ class CircuitBreaker:
         @functools.wraps(function)
         def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
             key = circuits.key_of(args[0]) if args else None
-            circuits.enter(key)
+            generation = circuits.enter(key)
             try:
                 value = function(*args, **kwargs)
             except BaseException as error:
-                circuits.record(key, error)
+                circuits.record(key, error, generation)
                 raise
-            circuits.record(key, None)
+            circuits.record(key, None, generation)
             return value
 
         return guarded
+
+
+def _exception_types(value: object) -> bool:
+    if isinstance(value, type):
+        return issubclass(value, BaseException)
+    return isinstance(value, tuple) and all(_exception_types(v) for v in value)
 
 
 class Breaker:
@@ -248,6 +270,10 @@ class Breaker:
         self._opened_at = 0.0
         self._probes_started = 0
         self._probes_passed = 0
+        # Changes with every transition, so that a call's result counts only
+        # in the state it started in: a slow call that began before the
+        # circuit opened cannot close it later.
+        self.generation = 0
 
     def __repr__(self) -> str:
         failed = self._failures_in_window
@@ -265,7 +291,7 @@ class Breaker:
         """
         transition = None
         if self.state is BreakerState.OPEN:
-            remaining = self._opened_at + self.policy.reset_timeout - now
+            remaining = self._opened_at + float(self.policy.reset_timeout) - now
             if remaining > 0:
                 return remaining, None
             transition = self._move(
@@ -273,7 +299,11 @@ class Breaker:
             )
         if self.state is BreakerState.HALF_OPEN:
             if self._probes_started >= self.policy.probes:
-                return _PROBE_RECHECK, transition
+                recheck = min(
+                    max(float(self.policy.reset_timeout) / 20, _PROBE_RECHECK_MIN),
+                    _PROBE_RECHECK_MAX,
+                )
+                return recheck, transition
             self._probes_started += 1
         return 0.0, transition
 
@@ -282,8 +312,19 @@ class Breaker:
         if self.state is BreakerState.HALF_OPEN and self._probes_started:
             self._probes_started -= 1
 
-    def record(self, failed: bool, now: float) -> Transition | None:
-        """Count the result of a call that `wait_time` let start."""
+    def record(
+        self, failed: bool, now: float, generation: int | None = None
+    ) -> Transition | None:
+        """Count the result of a call that `wait_time` let start.
+
+        Args:
+            failed: Whether the call failed.
+            now: The clock's time.
+            generation: The circuit's `generation` when the call started;
+                a result from another generation is ignored.
+        """
+        if generation is not None and generation != self.generation:
+            return None
         if self.state is BreakerState.HALF_OPEN:
             if failed:
                 return self._open(now, "a probe failed")
@@ -308,7 +349,7 @@ class Breaker:
             return self._open(now, f"{self._in_a_row} calls failed in a row")
         calls = len(self._results)
         if calls >= policy.min_calls and (
-            self._failures_in_window >= policy.failure_rate * calls
+            self._failures_in_window >= policy.failure_rate * calls - _EPSILON
         ):
             reason = f"{self._failures_in_window} of the last {calls} calls failed"
             return self._open(now, reason)
@@ -323,6 +364,7 @@ class Breaker:
         if new not in BREAKER_TRANSITIONS[old]:
             raise RuntimeError(f"circuit cannot go from {old.value} to {new.value}")
         self.state = new
+        self.generation += 1
         self._probes_started = 0
         self._probes_passed = 0
         if new is BreakerState.CLOSED:
@@ -367,29 +409,54 @@ class Breakers:
 
     def wait_time(self, key: Any) -> float:
         """Return 0.0 if a call under ``key`` may start now, else seconds to wait."""
-        with self._lock:
-            delay, transition = self.circuit(key).wait_time(self.policy.clock())
-            self._note(transition)
-            return delay
+        return self.admit(key)[0]
 
-    def enter(self, key: Any) -> None:
+    def admit(self, key: Any) -> tuple[float, int]:
+        """Decide whether a call under ``key`` may start now.
+
+        Returns:
+            The seconds to wait (0.0 when it may start) and the circuit's
+            generation, to pass back to `record` with the call's result.
+        """
+        with self._lock:
+            circuit = self.circuit(key)
+            delay, transition = circuit.wait_time(self.policy.clock())
+            self._note(transition)
+            return delay, circuit.generation
+
+    def enter(self, key: Any) -> int:
         """Let a call start now, or fail it because the circuit is open.
+
+        Returns:
+            The circuit's generation, to pass back to `record`.
 
         Raises:
             CircuitOpenError: The circuit is open or its probes are taken.
         """
-        delay = self.wait_time(key)
+        delay, generation = self.admit(key)
         if delay > 0:
             raise CircuitOpenError(key, delay)
+        return generation
 
-    def record(self, key: Any, error: BaseException | None) -> None:
-        """Count a call's result; errors outside ``on`` do not count."""
+    def record(
+        self, key: Any, error: BaseException | None, generation: int | None = None
+    ) -> None:
+        """Count a call's result; errors outside ``on`` do not count.
+
+        Args:
+            key: The circuit's key.
+            error: The call's error, or ``None`` when it succeeded.
+            generation: What `admit` or `enter` returned for the call; a
+                result from an earlier state of the circuit is ignored.
+        """
         if error is not None and not isinstance(error, self.policy.on):
             failed = None
         else:
             failed = error is not None
         with self._lock:
             circuit = self.circuit(key)
+            if generation is not None and generation != circuit.generation:
+                return
             if failed is None:
                 circuit.release_probe()
                 return

@@ -33,7 +33,10 @@ from batchtools._exceptions import ConfigurationError
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_RATE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*/\s*(\d*(?:\.\d*)?)\s*(ms|s|m|h|d)\s*")
+_RATE = re.compile(
+    r"\s*(\d+(?:\.\d*)?|\.\d+)\s*/\s*(\d+(?:\.\d*)?|\.\d+)?\s*(ms|s|m|h|d)\s*",
+    re.ASCII,
+)
 _PERIODS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -103,6 +106,8 @@ class RateLimit:
             raise ConfigurationError(
                 f"invalid rate {text!r}: the count and the period must be above zero"
             )
+        if not math.isfinite(count / period):
+            raise ConfigurationError(f"invalid rate {text!r}: the number is too large")
         return cls(count / period, burst=burst, clock=clock)
 
     def limiter(self) -> RateLimiter:
