@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.cli.support import error_lines, items_by_state, run_cli
+from tests.cli.support import connect_read_only, error_lines, items_by_state, run_cli
 
 _ECHO_AND_FAIL_ON_2 = 'echo ran "$1"; [ "$1" != 2 ]'
 _BATCHTOOLS = str(Path(sys.executable).parent / "batchtools")
@@ -233,3 +233,34 @@ def test_breaker_flag_pauses_after_failures(tmp_path: Path) -> None:
     assert invalid.returncode == 2
     assert "invalid circuit breaker 'often'" in error_lines(invalid.stderr)[0]
     assert reset_alone.returncode == 2
+
+
+def test_show_prints_an_item_history(tmp_path: Path) -> None:
+    journal = tmp_path / "show.db"
+    failing = ["sh", "-c", "echo boom >&2; exit 3", "sh", "{}"]
+    run_cli(
+        [
+            "run",
+            "-q",
+            "--journal",
+            str(journal),
+            "--retries",
+            "1",
+            *failing,
+            ":::",
+            "a",
+        ],
+        tmp_path,
+    )
+    with connect_read_only(journal) as conn:
+        (key,) = conn.execute("SELECT key FROM items").fetchone()
+
+    full = run_cli(["show", str(journal), key], tmp_path)
+    start = run_cli(["show", str(journal), key[:12]], tmp_path)
+    unknown = run_cli(["show", str(journal), "nope"], tmp_path)
+
+    assert full.returncode == 0
+    assert b"failed, 2 attempts" in full.stdout
+    assert full.stdout.count(b"exit status 3") == 2
+    assert start.stdout == full.stdout
+    assert unknown.returncode == 2

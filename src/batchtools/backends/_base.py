@@ -236,13 +236,3 @@ def results_per_item(value: Any, items: Sequence[Any]) -> list[Any]:
         f"item, not {type(value).__name__}"
         + (f" of length {len(value)}" if isinstance(value, list | tuple) else "")
     )
-
-
-async def cancellable_wait(call: Call, future: asyncio.Future[Any]) -> Any:
-    """Await ``future``, raising ``call.cancel_error`` if it is set meanwhile."""
-    try:
-        return await future
-    except asyncio.CancelledError:
-        if call.cancel_error is not None:
-            raise call.cancel_error from None
-        raise

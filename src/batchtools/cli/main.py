@@ -39,7 +39,14 @@ from batchtools.cli._output import OutputWriter
 from batchtools.engine._api import build_engine, open_journal, prepare, signal_handlers
 from batchtools.engine._engine import Observer
 from batchtools.engine._outcome import Report
-from batchtools.journal import Journal, RunRecord, count_states, iter_items, read_run
+from batchtools.journal import (
+    Journal,
+    RunRecord,
+    count_states,
+    item_history,
+    iter_items,
+    read_run,
+)
 from batchtools.observe._summary import preview, summary_lines
 from batchtools.policy.circuit_breaker import CircuitBreaker
 from batchtools.policy.rate_limit import RateLimit
@@ -399,6 +406,37 @@ def status_command(
         click.echo(f"  finish it with: batchtools resume {path}")
     if counts["failed"]:
         click.echo(f"  re-run the failed items with: batchtools retry {path}")
+
+
+@main.command("show")
+@click.argument("journal", metavar="JOURNAL")
+@click.argument("key")
+def show_command(journal: str, key: str) -> None:
+    """Show one item of a run: its state, value and every failed attempt.
+
+    KEY is the item's key, or its start as the summary prints it when no
+    other item's key starts the same way.
+    """
+    try:
+        history = item_history(journal, key)
+    except JournalError as error:
+        raise AbortError(str(error)) from None
+    if history is None:
+        raise UsageError(f"no item with key {key!r} in journal {journal}")
+    item, attempts = history
+    click.echo(f"item {item.seq + 1}: {preview(item.item)}")
+    click.echo(f"  key {item.key}, {item.state}, {item.attempts} attempts")
+    if item.value is not None:
+        click.echo(f"  value {item.value}")
+    if item.reason:
+        click.echo(f"  reason: {item.reason}")
+    for number, started, duration, error_text in attempts:
+        record = json.loads(error_text)
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+        click.echo(
+            f"  attempt {number} at {when}, {duration:.3f} s: "
+            f"{record.get('type', '?')}: {record.get('message', '')}"
+        )
 
 
 # -- planning a run -----------------------------------------------------------

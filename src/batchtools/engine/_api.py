@@ -30,7 +30,7 @@ from batchtools.backends._local import AsyncBackend, ThreadBackend
 from batchtools.engine._engine import Engine, Observer, Settings
 from batchtools.engine._halt import Halt
 from batchtools.engine._outcome import Outcome, Report
-from batchtools.journal import ItemRow, Journal, iter_items
+from batchtools.journal import ItemRow, Journal
 from batchtools.policy._units import parse_duration
 from batchtools.policy.circuit_breaker import Breakers, CircuitBreaker
 from batchtools.policy.rate_limit import RateLimit, RateLimiter
@@ -313,11 +313,6 @@ def build_engine(
         journal_rows=journal_rows,
         **kwargs,
     )
-
-
-def failed_rows(path: str | os.PathLike[str]) -> Iterator[ItemRow]:
-    """Yield a journal's failed items, for retrying exactly them."""
-    return iter_items(path, ["failed"])
 
 
 @contextlib.contextmanager

@@ -249,7 +249,6 @@ class Engine:
         self._timeouts: list[tuple[float, int, Call]] = []
         self._timeout_counter = itertools.count()
         self._sweeper_wake: asyncio.Future[None] | None = None
-        self._finished_count = 0
         self._output: Callable[[Outcome], Any] | None = None
         self._backlog: Callable[[], int] | None = None
         self._backlog_limit = 0

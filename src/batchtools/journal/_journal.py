@@ -298,7 +298,15 @@ def _stored_item(row: tuple[Any, ...]) -> ItemRow:
 def item_history(
     path: str | os.PathLike[str], key: str
 ) -> tuple[ItemRow, list[tuple[int, float, float, str]]] | None:
-    """Return one item and its failed attempts, or ``None`` if the key is unknown."""
+    """Return one item and its failed attempts, or ``None`` if the key is unknown.
+
+    ``key`` may be the start of a key, as the summary prints it, when only
+    one item's key starts with it.
+
+    Raises:
+        JournalError: The journal cannot be read, or the start of a key
+            matches several items.
+    """
     journal_path = Path(path)
     conn = _connect(journal_path, readonly=True)
     try:
@@ -312,7 +320,20 @@ def item_history(
             if row is not None:
                 break
         if row is None:
-            return None
+            # A scan, but only for a command a person types.
+            pattern = key.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            rows = conn.execute(
+                sql.SELECT_ITEMS_BY_KEY_START, (pattern + "%",)
+            ).fetchall()
+            if len(rows) > 1:
+                raise JournalError(
+                    str(journal_path),
+                    f"several items have keys that start with {key!r}; give more "
+                    "of the key",
+                )
+            if not rows:
+                return None
+            row = rows[0]
         attempts = conn.execute(sql.SELECT_ATTEMPTS, (row[0],)).fetchall()
     finally:
         conn.close()

@@ -185,11 +185,12 @@ SELECT_ITEM_BY_KEY = """
            started, ended
     FROM items WHERE dhash = ? AND key = ?
 """
+SELECT_ITEMS_BY_KEY_START = """
+    SELECT seq, key, item, state, attempts, lost_workers, value, error, reason,
+           started, ended
+    FROM items WHERE key LIKE ? ESCAPE '\\' LIMIT 2
+"""
 SELECT_ATTEMPTS = """
     SELECT number, started, duration, error FROM attempts WHERE seq = ?
     ORDER BY number
-"""
-RESET_STATES = """
-    UPDATE items SET state = 'pending'
-    WHERE state IN (SELECT value FROM json_each(?))
 """
