@@ -19,6 +19,7 @@ from pathlib import Path
 import async_journal
 import async_noop
 import journal_resume
+import policy_overhead
 import process_cpu
 import shell_commands
 import stream_memory
@@ -42,6 +43,7 @@ WORKLOADS: list[Callable[[Config], WorkloadResult]] = [
     shell_commands.measure,
     stream_memory.measure,
     journal_resume.measure,
+    policy_overhead.measure,
 ]
 
 
