@@ -23,11 +23,11 @@ def batchtools_fast_retries() -> Iterator[None]:
 
 @pytest.fixture
 def batchtools_fake_clock() -> FakeClock:
-    """A clock at 0.0 that moves only when the test advances it."""
+    """Return a clock at 0.0 that moves only when the test advances it."""
     return FakeClock()
 
 
 @pytest.fixture
 def batchtools_probe() -> ConcurrencyProbe:
-    """A probe that records how many calls of a wrapped task run at once."""
+    """Return a probe that records how many calls of a wrapped task run at once."""
     return ConcurrencyProbe()

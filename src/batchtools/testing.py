@@ -4,7 +4,7 @@
   for the duration of a ``with`` block (or of a test, through the pytest
   fixture ``batchtools_fast_retries``).
 - `FakeClock` is a clock to pass as ``clock=`` to `RateLimit` and
-  `CircuitBreaker`; it moves only when told.
+  `CircuitBreaker`. It moves only when the test advances it.
 - `flaky` wraps a task so that it fails the first N calls per item, or a
   given share of calls, with a chosen error.
 - `ConcurrencyProbe` wraps a task and records how many calls ran at once.
@@ -46,7 +46,7 @@ def fast_retries(max_attempts: int | None = None) -> Iterator[None]:
 
     Args:
         max_attempts: At most this many attempts per item, whatever the
-            retry policy says; ``None`` leaves the policies' counts alone.
+            retry policy allows. ``None`` leaves the policies' counts alone.
 
     The switch is process-wide: it also affects runs on other threads.
     """
@@ -98,8 +98,8 @@ def flaky(
 
     Args:
         task: A sync or async callable taking an item.
-        fail_first: Fail the first this many calls for each item (items are
-            told apart by their content).
+        fail_first: Fail the first this many calls for each item. Items
+            are distinguished by their content.
         share: Also fail this share (0 to 1) of the other calls, drawn at
             random.
         error: The exception type, or a function from item to exception.
@@ -152,7 +152,7 @@ class ConcurrencyProbe:
 
     Attributes:
         in_flight: Calls running now.
-        max_in_flight: The most that ever ran at once.
+        max_in_flight: The maximum number of calls that ran at once.
         calls: Calls started so far.
     """
 

@@ -168,7 +168,7 @@ class ThreadBackend(Backend):
             with self._lock:
                 # Checked under the lock that `cancel` takes. A call cancelled
                 # before it started is skipped and not counted as abandoned,
-                # and `aclose` sees a call cancelled later as executing.
+                # and `aclose` treats a call cancelled later as still executing.
                 if call.cancel_error is not None:
                     self._abandoned.discard(call)
                     continue
@@ -197,7 +197,7 @@ class ThreadBackend(Backend):
         try:
             self._loop.call_soon_threadsafe(self._settle)
         except RuntimeError:
-            pass  # The loop has closed; nobody waits for this result.
+            pass  # The loop has closed, so no caller waits for this result.
 
     def _settle(self) -> None:
         with self._lock:

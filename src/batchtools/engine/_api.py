@@ -131,10 +131,11 @@ def prepare(
             f"concurrency={width} is more than {MAX_CONCURRENCY:,}; "
             "use a smaller number"
         )
-    # Attempts may queue ahead of threads and worker processes, unless an
-    # attempt's clock must start when it starts (a timeout, a deadline), a
-    # failure must stop the next items from starting (a halt, a circuit
-    # breaker), or starts must be counted when they happen (a rate limit).
+    # Attempts may queue ahead of threads and worker processes. They may not
+    # when an attempt's clock must start when it starts (a timeout, a
+    # deadline), when a failure must stop the next items from starting (a
+    # halt, a circuit breaker), or when starts are counted as they happen
+    # (a rate limit).
     queue_ahead = (
         settings.timeout is None
         and settings.halt is None

@@ -100,7 +100,7 @@ class Interrupted(BatchtoolsError):
 
 @dataclass(slots=True)
 class Settings:
-    """How the engine schedules attempts.
+    """Settings of how the engine schedules attempts.
 
     Attributes:
         retry: The retry policy.
@@ -267,8 +267,8 @@ class Engine:
             self._feed.never_blocks and journal is None and journal_rows is None
         )
         # A coroutine task without a context is awaited right here, which
-        # saves a frame per attempt; the async backend's cancel still works,
-        # since it cancels this worker task.
+        # saves a frame per attempt. The async backend's cancel still works
+        # because it cancels this worker task.
         self._direct = backend.direct_function()
         self._low_water = max(backend.capacity, _block_size(settings.batch_size) // 2)
 
@@ -444,7 +444,7 @@ class Engine:
         owner = asyncio.current_task()
         ready = self._ready
         # Without retries waiting, prefetching, ordering or a consumer to
-        # wait for, the next job is simply the next ready one; take it
+        # wait for, the next job is simply the next ready one, so take it
         # without the general path's checks.
         simple = not (self._prefetch or self.settings.ordered or self._backlog)
         while True:
@@ -749,7 +749,7 @@ class Engine:
     def _record_circuit(self, job: _Job, error: BaseException | None) -> None:
         breakers = self.settings.breakers
         if breakers is None or isinstance(error, Interrupted):
-            # An interrupted attempt says nothing about the service.
+            # An interrupted attempt shows nothing about the service's health.
             return
         key = breakers.key_of(_first_item(job))
         seen = len(breakers.transitions)

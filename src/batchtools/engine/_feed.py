@@ -1,6 +1,6 @@
 """Lazy reading of the item source in small blocks.
 
-The engine asks for a block whenever its buffer of admitted items runs
+The engine requests a block whenever its buffer of admitted items runs
 dry, so at most one block is read ahead. Three kinds of source:
 
 - sequences and other in-memory collections cannot block, so they are
@@ -146,7 +146,7 @@ class _ThreadReader:
             try:
                 self._loop.call_soon_threadsafe(_set_done, waiter)
             except RuntimeError:
-                pass  # The loop closed; nobody reads any more.
+                pass  # The loop closed, so no caller reads any more.
 
     async def take(self, limit: int) -> list[Any]:
         if self._thread is None:

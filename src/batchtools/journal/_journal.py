@@ -7,13 +7,13 @@ Data flow::
            +------ commit watermark, register results (call_soon_threadsafe)
 
 The engine never touches SQLite. It posts operations (register items,
-update an item's state, add a failed attempt) that return at once; the
+update an item's state, add a failed attempt) that return at once. The
 writer thread applies them inside one open transaction and commits the
-group every `COMMIT_INTERVAL` seconds or `COMMIT_OPS` operations, then
-tells the engine how many operations are durable. State updates of one
-item inside a group are merged, so an item that starts and finishes
-between two commits costs one row update. A crash loses at most the
-uncommitted group: at-least-once, never a false success.
+group every `COMMIT_INTERVAL` seconds or `COMMIT_OPS` operations. Then
+it reports to the engine how many operations are durable. A new item is
+staged until the commit, and its state updates are merged into it, so an
+item read and finished between two commits costs one row insert. A crash
+loses at most the uncommitted group: at-least-once, never a false success.
 """
 
 from __future__ import annotations
@@ -554,9 +554,9 @@ class Journal:
     def register_new(self, rows: list[tuple[int, str, str]]) -> list[str | None]:
         """Register, without a round trip, items certain not to repeat others.
 
-        Works only for a journal this session created: a filter of the
-        digests registered so far tells which items are certainly new;
-        those are posted as pending rows and get the digest as their key.
+        Works only for a journal this session created. A filter of the
+        digests registered so far shows which items are certainly new, and
+        those are posted as pending rows with the digest as their key.
 
         Args:
             rows: ``(seq, encoded item, digest)`` per item.
@@ -662,7 +662,7 @@ class Journal:
         try:
             self._loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:
-            pass  # The loop has closed: nobody waits for this any more.
+            pass  # The loop has closed, so no caller waits for this any more.
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
         writer = _GroupWriter(conn, self.session, fresh=self._fresh)
@@ -725,7 +725,7 @@ class Journal:
             self._call_soon(self._on_error, error)
         for callback in flushes:
             self._call_soon(callback)
-        # Answer what is still queued, so that nobody waits forever.
+        # Reply to what is still queued, so that no caller waits forever.
         while True:
             op = self._queue.get()
             if op is _CLOSE:
@@ -989,7 +989,7 @@ def _pending_row(seq: int, key: str, text: str, session: int) -> list[Any]:
 class _DigestFilter:
     """A Bloom filter of digests that grows in layers as items arrive.
 
-    It answers "certainly not seen" or "maybe seen" in about ten bits per
+    It returns "certainly not seen" or "maybe seen" in about ten bits per
     item, so a fresh run learns that an item repeats none before it without
     keeping every digest in memory or asking the journal.
     """

@@ -1,6 +1,6 @@
 """The journal's SQL: schema, pragmas and statements, as named constants.
 
-A journal file holds exactly one run. Items are rows keyed by ``seq``
+A journal file contains exactly one run. Items are rows keyed by ``seq``
 (their position in the input when first read); ``key`` is the content key.
 Attempts that failed get a row each; the last attempt of an item lives in
 its ``items`` row. ``claimed`` is the session that last read the item from
@@ -106,7 +106,7 @@ STAGED_COLUMNS = (
 STAGED_WIDTH = 14
 # A multi-row VALUES statement binds a whole group in one step, so the
 # sqlite3 module does not give up and retake the GIL once per row, as
-# executemany does; 2,000 rows of 14 values stay under SQLite's limit of
+# executemany does. 2,000 rows of 14 values stay under SQLite's limit of
 # 32,766 parameters.
 STAGED_ROWS_PER_STATEMENT = 2000
 

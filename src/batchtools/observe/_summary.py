@@ -23,7 +23,7 @@ def preview(item: Any) -> str:
         text = repr(item)
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     text = text.replace("\n", "\\n").replace("\t", "\\t")
-    # The end of a long item (a path's file name) tells items apart best.
+    # The end of a long item, such as a path's file name, distinguishes items best.
     return text if len(text) <= _PREVIEW else "..." + text[3 - _PREVIEW :]
 
 

@@ -3,7 +3,7 @@
 A plain number of retries means "retry every failure except cancellation".
 `Retry` narrows that by exception type, predicate or exit code, and counts
 ``attempts`` including the first one. Cancellation, `KeyboardInterrupt` and
-`SystemExit` are never retried, whatever the policy says.
+`SystemExit` are never retried, whatever the policy allows.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ class _TestMode:
 
     Attributes:
         no_waits: Backoff waits are zero.
-        max_attempts: A cap on attempts per item, whatever the policy says.
+        max_attempts: A cap on attempts per item, over any policy's count.
     """
 
     no_waits: bool = False
