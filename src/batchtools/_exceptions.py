@@ -14,6 +14,8 @@ The tree, grouped by what the caller can do about each family::
         ├── CircuitOpenError      a circuit breaker is open for the item's key
         ├── CommandFailedError    a command exited non-zero or died by a signal
         ├── FallbackError         every strategy of a fallback chain failed
+        ├── MemoryLimitError      a worker process used more memory than allowed
+        ├── PoolTimeoutError      no pooled resource was free within the timeout
         ├── WorkerLostError       the worker process died during the attempt
         └── RemoteError           stand-in for an exception that could not be
                                   sent back from a worker process
@@ -158,6 +160,49 @@ class CommandFailedError(AttemptError):
         if self.exit_status < 0:
             return f"killed by {signal_name(-self.exit_status)}"
         return f"exit status {self.exit_status}"
+
+
+class MemoryLimitError(AttemptError):
+    """A worker process used more memory than allowed and was killed.
+
+    Attributes:
+        rss: The worker's resident memory when it was killed, in bytes.
+        limit: The allowed resident memory, in bytes.
+    """
+
+    def __init__(self, rss: int, limit: int) -> None:
+        super().__init__(rss, limit)
+        self.rss = rss
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return (
+            f"the worker process used {self.rss / 2**20:.0f} MiB, more than the "
+            f"limit of {self.limit / 2**20:.0f} MiB, and was killed"
+        )
+
+
+class PoolTimeoutError(AttemptError, TimeoutError):
+    """No resource of a pool was free within the acquire timeout.
+
+    Attributes:
+        pool: The pool's name.
+        timeout: Seconds the caller waited.
+        size: How many resources the pool held, all of them in use.
+    """
+
+    def __init__(self, pool: str, timeout: float, size: int) -> None:
+        super().__init__(pool, timeout, size)
+        self.pool = pool
+        self.timeout = timeout
+        self.size = size
+
+    def __str__(self) -> str:
+        return (
+            f"no resource of pool {self.pool!r} was free within {self.timeout:g} s "
+            f"(all {self.size} in use); raise its max_size or acquire_timeout, "
+            "or lower the concurrency"
+        )
 
 
 class WorkerLostError(AttemptError):
