@@ -11,6 +11,8 @@ import os
 import signal
 import time
 
+import batchtools
+
 WAIT_LIMIT = 60.0
 """Seconds a task waits for other attempts before it fails, so a broken test ends."""
 
@@ -135,3 +137,35 @@ def wait_for_file(payload: tuple[str, int]) -> int:
             raise TimeoutError(f"{release} did not appear within {WAIT_LIMIT} s")
         time.sleep(POLL_INTERVAL)
     return x
+
+
+# --- Worker state and memory limits ----------------------------------------
+
+
+def worker_pid() -> int:
+    """Setup function: return the worker process's pid as its state."""
+    return os.getpid()
+
+
+def state_and_pid(item: int, context: batchtools.Context) -> tuple[int, int]:
+    """Return the worker's state next to the pid that executed the item."""
+    return context.state, os.getpid()
+
+
+def pid_of_worker(item: int) -> int:
+    """Return the pid of the worker process that executed the item."""
+    return os.getpid()
+
+
+def hog_memory(item: str) -> str:
+    """Hold about 300 MiB of touched memory for item ``"big"``, until killed."""
+    if item == "big":
+        ballast = b"x" * (300 * 2**20)
+        time.sleep(60)
+        return str(len(ballast))
+    return item
+
+
+def setup_that_fails() -> None:
+    """Setup function that cannot connect."""
+    raise ConnectionRefusedError("the database refused the connection")

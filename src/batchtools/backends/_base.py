@@ -39,6 +39,8 @@ class Context:
             retries and resumes, for side effects that must happen once.
         cancelled: Set when the engine gives up on the attempt (timeout,
             halt, interrupt); a thread task should poll it and return.
+        state: What the run's ``setup`` function returned in the worker
+            executing this attempt (a database connection, say), or ``None``.
     """
 
     run_id: str
@@ -47,15 +49,17 @@ class Context:
     seq: int
     idempotency_key: str
     cancelled: threading.Event | None = field(default=None, compare=False)
+    state: Any = field(default=None, compare=False)
 
     def __getstate__(self) -> tuple[str, str, int, int, str]:
         # The event cannot cross to a worker process; a process task is
-        # stopped by killing its worker instead.
+        # stopped by killing its worker instead. The worker sets its own state.
         return (self.run_id, self.key, self.attempt, self.seq, self.idempotency_key)
 
     def __setstate__(self, state: tuple[str, str, int, int, str]) -> None:
         self.run_id, self.key, self.attempt, self.seq, self.idempotency_key = state
         self.cancelled = None
+        self.state = None
 
 
 @dataclass(slots=True)
@@ -66,11 +70,16 @@ class TaskSpec:
         function: The callable; a coroutine function for the async backend.
         wants_context: Whether to pass ``context=`` to it.
         name: The qualified name, for signatures and messages.
+        setup: Called once in each worker before its first attempt; what it
+            returns reaches the task as ``context.state``.
+        teardown: Called with that state when the worker stops normally.
     """
 
     function: Callable[..., Any]
     wants_context: bool
     name: str
+    setup: Callable[[], Any] | None = None
+    teardown: Callable[[Any], Any] | None = None
 
     @classmethod
     def from_callable(cls, function: Callable[..., Any]) -> TaskSpec:
@@ -86,6 +95,11 @@ class TaskSpec:
         module = getattr(function, "__module__", None) or "?"
         qualname = getattr(function, "__qualname__", None) or repr(function)
         return cls(function, wants_context, f"{module}:{qualname}")
+
+    @property
+    def has_worker_state(self) -> bool:
+        """Whether workers run a setup or a teardown function."""
+        return self.setup is not None or self.teardown is not None
 
     @property
     def is_async(self) -> bool:
@@ -145,11 +159,16 @@ class BackendStatistics:
         workers_lost: Worker processes that died during an attempt.
         abandoned_threads: Thread attempts given up on (timeout or cancel)
             whose thread had not yet returned at the end of the run.
+        workers_recycled: Worker processes replaced after their share of
+            items (``max_items_per_worker``).
+        memory_kills: Worker processes killed for using too much memory.
     """
 
     workers_started: int = 0
     workers_lost: int = 0
     abandoned_threads: int = 0
+    workers_recycled: int = 0
+    memory_kills: int = 0
 
 
 class Backend(ABC):

@@ -11,12 +11,42 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
+import logging
 import queue
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from batchtools._exceptions import ConfigurationError
 from batchtools.backends._base import Backend, BackendStatistics, Call, TaskSpec
+
+log = logging.getLogger("batchtools.backends")
+
+
+def setup_failed(
+    task: TaskSpec, where: str, error: BaseException
+) -> ConfigurationError:
+    """Return the error for a worker whose setup function raised ``error``."""
+    setup = task.setup
+    name = getattr(setup, "__qualname__", repr(setup))
+    failure = ConfigurationError(
+        f"the setup function {name} of task {task.name} failed in {where} "
+        f"({type(error).__name__}: {error}); no attempt ran there. Fix the setup "
+        "function or what it connects to, then run again"
+    )
+    failure.__cause__ = error
+    return failure
+
+
+def run_teardown(task: TaskSpec, state: Any, where: str) -> None:
+    """Call the task's teardown function with ``state``; log what it raises."""
+    if task.teardown is None:
+        return
+    try:
+        task.teardown(state)
+    except Exception:
+        log.exception("the teardown function of task %s failed in %s", task.name, where)
 
 
 class AsyncBackend(Backend):
@@ -27,9 +57,24 @@ class AsyncBackend(Backend):
     def __init__(self, task: TaskSpec, concurrency: int) -> None:
         super().__init__(concurrency)
         self._task = task
+        self._state: Any = None
+
+    async def start(self) -> None:
+        # One event loop is one worker: the setup runs once for the run, and
+        # every coroutine shares its state (a pool of connections, say).
+        setup = self._task.setup
+        if setup is None:
+            return
+        try:
+            state = setup()
+            if inspect.isawaitable(state):
+                state = await state
+        except Exception as error:
+            raise setup_failed(self._task, "the event loop", error) from error
+        self._state = state
 
     def direct_function(self) -> Callable[[Any], Awaitable[Any]] | None:
-        if self._task.wants_context:
+        if self._task.wants_context or self._task.has_worker_state:
             return None
         return self._task.function
 
@@ -37,7 +82,9 @@ class AsyncBackend(Backend):
         function = self._task.function
         try:
             if self._task.wants_context:
-                return await function(call.payload, context=call.context)
+                context = call.context
+                context.state = self._state
+                return await function(call.payload, context=context)
             return await function(call.payload)
         except asyncio.CancelledError:
             owner = call.owner
@@ -54,7 +101,15 @@ class AsyncBackend(Backend):
             call.owner.cancel()
 
     async def aclose(self, *, cancel: bool) -> None:
-        return None
+        teardown = self._task.teardown
+        if teardown is None:
+            return
+        try:
+            done = teardown(self._state)
+            if inspect.isawaitable(done):
+                await done
+        except Exception:
+            log.exception("the teardown function of task %s failed", self._task.name)
 
 
 _STOP = object()
@@ -84,6 +139,9 @@ class ThreadBackend(Backend):
         self._executing: dict[threading.Thread, Call] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_error: BaseException | None = None
+        # Each thread releases this once its setup function has returned.
+        self._set_up = threading.Semaphore(0)
+        self._setup_errors: list[ConfigurationError] = []
 
     @property
     def capacity(self) -> int:
@@ -99,6 +157,18 @@ class ThreadBackend(Backend):
             )
             thread.start()
             self._threads.append(thread)
+        if self._task.setup is None:
+            return
+        # Each thread sets up its own state (a connection made in a thread
+        # may belong to it), and the run starts once every one succeeded.
+        await asyncio.to_thread(self._wait_for_setups)
+        if self._setup_errors:
+            await self.aclose(cancel=True)
+            raise self._setup_errors[0]
+
+    def _wait_for_setups(self) -> None:
+        for _ in self._threads:
+            self._set_up.acquire()
 
     async def execute(self, call: Call) -> Any:
         assert self._loop is not None, "start() must be called before execute()"
@@ -157,9 +227,22 @@ class ThreadBackend(Backend):
         function = self._task.function
         wants_context = self._task.wants_context
         me = threading.current_thread()
+        state = None
+        if self._task.setup is not None:
+            try:
+                state = self._task.setup()
+            except Exception as error:
+                with self._lock:
+                    self._setup_errors.append(
+                        setup_failed(self._task, f"thread {me.name}", error)
+                    )
+                self._set_up.release()
+                return
+            self._set_up.release()
         while True:
             entry = self._inbox.get()
             if entry is _STOP:
+                run_teardown(self._task, state, f"thread {me.name}")
                 return
             call, future = entry
             if self._stop_error is not None and call.cancel_error is None:
@@ -175,7 +258,9 @@ class ThreadBackend(Backend):
                 self._executing[me] = call
             try:
                 if wants_context:
-                    value = function(call.payload, context=call.context)
+                    context = call.context
+                    context.state = state
+                    value = function(call.payload, context=context)
                 else:
                     value = function(call.payload)
             except BaseException as error:

@@ -62,14 +62,17 @@ from multiprocessing.synchronize import Lock as ProcessLock
 from typing import Any
 
 import cloudpickle
+import psutil
 
 from batchtools._exceptions import (
     ConfigurationError,
+    MemoryLimitError,
     RemoteError,
     RunAbortedError,
     WorkerLostError,
 )
 from batchtools.backends._base import Backend, BackendStatistics, Call, TaskSpec
+from batchtools.backends._local import setup_failed
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +106,7 @@ _JOURNAL_BYTES = 256 * 1024
 _MAX_STARTUP_FAILURES = 3
 # How often _acquire checks whether a worker died while holding its lock.
 _LOCK_POLL_SECONDS = 0.01
+_MEMORY_CHECK_SECONDS = 0.1  # how often workers' resident memory is read
 _READ_BYTES = 65536  # the default capacity of a Linux pipe
 _READS_PER_WAKEUP = 16  # bounds the time one busy pipe keeps the event loop
 
@@ -127,7 +131,7 @@ _BLOCK_BYTES = _JOURNAL_OFFSET + _JOURNAL_BYTES
 _LENGTH = struct.Struct("!i")
 _LONG_LENGTH = struct.Struct("!Q")
 _READY = ord("R")  # worker: the task is loaded
-_LOAD_FAILED = ord("L")  # worker: kind, then why the task cannot be loaded
+_LOAD_FAILED = ord("L")  # worker: kind, 1 if setup failed, then why
 _CHUNK = ord("C")  # parent: kind, seq, then the pickled list of items
 _STOP = ord("S")  # parent: exit after the chunks already sent
 _UNDECODABLE = ord("U")  # worker: kind, seq, then the encoded unpickling error
@@ -159,15 +163,18 @@ def check_picklable(task: TaskSpec) -> bytes:
     Raises:
         ConfigurationError: Neither pickle nor cloudpickle can pickle it.
     """
+    parts = (task.function, task.setup, task.teardown)
     with contextlib.suppress(Exception):
-        return pickle.dumps(task.function, _PROTOCOL)
+        return pickle.dumps(parts, _PROTOCOL)
     try:
-        data: bytes = cloudpickle.dumps(task.function, protocol=_PROTOCOL)
+        data: bytes = cloudpickle.dumps(parts, protocol=_PROTOCOL)
     except Exception as error:
+        what = "its setup or teardown function" if task.has_worker_state else "it"
         raise ConfigurationError(
-            f"task {task.name} cannot be sent to worker processes because it cannot "
-            f"be pickled ({type(error).__name__}: {error}). Define the task at "
-            "module level, and keep locks, open files and connections out of it"
+            f"task {task.name} cannot be sent to worker processes because {what} "
+            f"cannot be pickled ({type(error).__name__}: {error}). Define the task "
+            "at module level, and keep locks, open files and connections out of "
+            "it; open them in a setup function instead"
         ) from error
     return data
 
@@ -269,6 +276,7 @@ class _ChunkRunner:
         outbox: Connection,
         block: _SharedBlock,
         lock: ProcessLock,
+        state: Any = None,
     ) -> None:
         self.function = function
         self.task_name = task_name
@@ -276,6 +284,7 @@ class _ChunkRunner:
         self.outbox = outbox
         self.block = block
         self.lock = lock
+        self.state = state
 
     def run(self, seq: int, items: list[Any]) -> None:
         """Execute the items of chunk ``seq`` that the parent has not skipped."""
@@ -286,6 +295,7 @@ class _ChunkRunner:
         release = self.lock.release
         function = self.function
         wants_context = self.wants_context
+        state = self.state
         clock = time.perf_counter
         pack_frame = _FRAME.pack_into
         frame_size = _FRAME.size
@@ -313,7 +323,9 @@ class _ChunkRunner:
             release()
             try:
                 if wants_context:
-                    value = function(item[0], context=item[1])
+                    context = item[1]
+                    context.state = state
+                    value = function(item[0], context=context)
                 else:
                     value = function(item)
             except BaseException as error:
@@ -394,16 +406,31 @@ def _worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(EOFError, BrokenPipeError):
         try:
-            function = pickle.loads(task_bytes)
+            function, setup, teardown = pickle.loads(task_bytes)
         except BaseException as error:
-            outbox.send_bytes(bytes([_LOAD_FAILED]) + _encode_error(error))
+            outbox.send_bytes(bytes([_LOAD_FAILED, 0]) + _encode_error(error))
             return
+        state = None
+        if setup is not None:
+            try:
+                state = setup()
+            except BaseException as error:
+                outbox.send_bytes(bytes([_LOAD_FAILED, 1]) + _encode_error(error))
+                return
         outbox.send_bytes(bytes([_READY]))
         block = _SharedBlock(shared)
-        runner = _ChunkRunner(function, task_name, wants_context, outbox, block, lock)
+        runner = _ChunkRunner(
+            function, task_name, wants_context, outbox, block, lock, state
+        )
         while True:
             message = inbox.recv_bytes()  # EOFError: the parent is gone
             if message[0] == _STOP:
+                if teardown is not None:
+                    try:
+                        teardown(state)
+                    except Exception:
+                        # The parent logs the worker's stderr with the run.
+                        traceback.print_exc()
                 return
             _, seq = _CHUNK_HEADER.unpack_from(message)
             try:
@@ -441,7 +468,9 @@ class _Worker:
         "outbox",
         "output",
         "process",
+        "ps",
         "ready",
+        "sent",
         "slot",
         "stopping",
     )
@@ -469,6 +498,8 @@ class _Worker:
         self.output: deque[memoryview] = deque()  # bytes the pipe did not take yet
         self.input_buffer = bytearray()  # the start of an incomplete message
         self.input_needed = 0  # bytes input_buffer must reach to be parsed again
+        self.sent = 0  # items sent in chunks, for recycling after a number
+        self.ps: psutil.Process | None = None  # for reading its memory use
 
 
 _Outcome = tuple[bool, Any]  # (True, value) or (False, exception)
@@ -500,10 +531,32 @@ class ProcessBackend(Backend):
     name = "process"
 
     def __init__(
-        self, task: TaskSpec, concurrency: int, *, queue_ahead: bool = True
+        self,
+        task: TaskSpec,
+        concurrency: int,
+        *,
+        queue_ahead: bool = True,
+        max_items_per_worker: int | None = None,
+        max_memory: int | None = None,
     ) -> None:
+        """Describe the pool; nothing starts before `start`.
+
+        Args:
+            task: The task, with its setup and teardown functions.
+            concurrency: The number of worker processes.
+            queue_ahead: Hand chunks to workers before they are free.
+            max_items_per_worker: Replace a worker once it was sent this many
+                items, for tasks that leak memory.
+            max_memory: Kill a worker whose resident memory exceeds this many
+                bytes; its executing item fails with `MemoryLimitError`.
+        """
         super().__init__(concurrency)
         self.queue_ahead = queue_ahead
+        self.max_items_per_worker = max_items_per_worker
+        self.max_memory = max_memory
+        self._memory_timer: asyncio.TimerHandle | None = None
+        self._workers_recycled = 0
+        self._memory_kills = 0
         self._task = task
         self._task_bytes = b""
         self._context: ForkServerContext | None = None
@@ -557,6 +610,10 @@ class ProcessBackend(Backend):
         except BaseException:
             self._kill_all()
             raise
+        if self.max_memory is not None:
+            self._memory_timer = self._loop.call_later(
+                _MEMORY_CHECK_SECONDS, self._check_memory
+            )
 
     async def execute(self, call: Call) -> Any:
         if call.cancel_error is not None:
@@ -624,6 +681,8 @@ class ProcessBackend(Backend):
         if not self._closing:
             self._closing = True
             _live_backends.discard(self)
+            if self._memory_timer is not None:
+                self._memory_timer.cancel()
             if self._stop_error is None:
                 self._stop_error = RuntimeError(
                     "the process backend was closed before this attempt finished"
@@ -652,7 +711,63 @@ class ProcessBackend(Backend):
 
     def statistics(self) -> BackendStatistics:
         return BackendStatistics(
-            workers_started=self._workers_started, workers_lost=self._workers_lost
+            workers_started=self._workers_started,
+            workers_lost=self._workers_lost,
+            workers_recycled=self._workers_recycled,
+            memory_kills=self._memory_kills,
+        )
+
+    # --- Memory ----------------------------------------------------------
+
+    def _check_memory(self) -> None:
+        """Kill the workers whose resident memory is above the limit.
+
+        The item a killed worker was executing fails with `MemoryLimitError`;
+        its unstarted items go back to the queue and a replacement starts.
+        """
+        limit = self.max_memory
+        assert limit is not None and self._loop is not None
+        for worker in self._workers:
+            if worker is None or worker.killed or worker.process.pid is None:
+                continue
+            try:
+                if worker.ps is None:
+                    worker.ps = psutil.Process(worker.process.pid)
+                rss = worker.ps.memory_info().rss
+            except psutil.Error:
+                continue  # it exited meanwhile, and its exit handler runs
+            if rss > limit:
+                self._kill_for_memory(worker, rss, limit)
+        if not self._closing:
+            self._memory_timer = self._loop.call_later(
+                _MEMORY_CHECK_SECONDS, self._check_memory
+            )
+
+    def _kill_for_memory(self, worker: _Worker, rss: int, limit: int) -> None:
+        if not self._acquire(worker):
+            return  # it exited meanwhile
+        try:
+            header = self._blocks[worker.slot].header
+            chunk = worker.chunks.get(header[_H_SEQ])
+            state = header[_H_STATE]
+            error = MemoryLimitError(rss, limit)
+            key = None
+            if chunk is not None and state >= 0 and state & 1:
+                call = chunk.calls[state >> 1]
+                if not call.handle.done():
+                    call.handle.set_result((False, error))
+                    key = call.context.key
+            # Killed while the lock is held, so it cannot start its next item.
+            self._kill(worker)
+        finally:
+            worker.lock.release()
+        self._memory_kills += 1
+        logger.warning(
+            "task %s: worker process %s killed: %s%s",
+            self._task.name,
+            worker.process.pid,
+            error,
+            "" if key is None else f" (during the attempt for key {key})",
         )
 
     # --- Workers ---------------------------------------------------------
@@ -869,9 +984,18 @@ class ProcessBackend(Backend):
                     target = worker
             if target is None:
                 return
-            calls = self._take_chunk(self._chunk_size(usable * depth))
+            size = self._chunk_size(usable * depth)
+            recycle = self.max_items_per_worker
+            if recycle is not None:
+                size = min(size, recycle - target.sent)
+            calls = self._take_chunk(size)
             if calls:
                 self._send_chunk(target, calls)
+            if recycle is not None and target.sent >= recycle:
+                # The worker exits after its chunks, and a fresh one replaces it.
+                self._send(target, [bytes([_STOP])])
+                target.stopping = True
+                self._workers_recycled += 1
 
     def _chunk_size(self, slots: int) -> int:
         """Return how many calls the next chunk may take.
@@ -915,6 +1039,7 @@ class ProcessBackend(Backend):
         region = (seq & 1) * _MAX_CHUNK
         self._blocks[worker.slot].skip[region : region + len(calls)] = bytes(len(calls))
         worker.chunks[seq] = _Chunk(seq, calls)
+        worker.sent += len(calls)
         self._in_flight += len(calls)
         self._chunks_sent += 1
         self._send(worker, [_CHUNK_HEADER.pack(_CHUNK, seq), data])
@@ -1073,13 +1198,16 @@ class ProcessBackend(Backend):
             _, seq = _CHUNK_HEADER.unpack_from(message)
             self._on_undecodable(worker, seq, message[_CHUNK_HEADER.size :])
         elif kind == _LOAD_FAILED:
-            cause = self._decode_error(message[1:])
-            error = ConfigurationError(
-                f"task {self._task.name} cannot be loaded in a worker process "
-                f"({type(cause).__name__}: {cause}). Define the task at module level "
-                "in a module that worker processes can import"
-            )
-            error.__cause__ = cause
+            cause = self._decode_error(message[2:])
+            if message[1]:
+                error = setup_failed(self._task, f"worker process {worker.slot}", cause)
+            else:
+                error = ConfigurationError(
+                    f"task {self._task.name} cannot be loaded in a worker process "
+                    f"({type(cause).__name__}: {cause}). Define the task at module "
+                    "level in a module that worker processes can import"
+                )
+                error.__cause__ = cause
             logger.error("%s", error)
             self._abort(error)
 

@@ -7,6 +7,7 @@ import collections
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import signal
 import threading
@@ -33,6 +34,7 @@ from batchtools.engine._outcome import Outcome, Report
 from batchtools.journal import ItemRow, Journal
 from batchtools.policy._units import parse_duration
 from batchtools.policy.circuit_breaker import Breakers, CircuitBreaker
+from batchtools.policy.memory import Memory
 from batchtools.policy.rate_limit import RateLimit, RateLimiter
 from batchtools.policy.retry import Retry
 
@@ -42,6 +44,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # processes, an operating system resource; far beyond this is a typo.
 MAX_CONCURRENCY = 100_000
 _OUTPUT_LIMIT = 1024
+
+log = logging.getLogger("batchtools.engine")
 
 
 def cpu_count() -> int:
@@ -102,6 +106,8 @@ def prepare(
     shell: bool = False,
     env: Mapping[str, str] | None = None,
     spec: Mapping[str, Any] | None = None,
+    setup: Callable[[], Any] | None = None,
+    teardown: Callable[[Any], Any] | None = None,
 ) -> Job:
     """Check the options and build the backend for ``task``.
 
@@ -111,7 +117,21 @@ def prepare(
     batch = _positive("batch_size", batch_size, default=1)
     name, chosen = _choose_backend(task, backend)
     width = _positive("concurrency", concurrency, default=default_concurrency(chosen))
-    rate_limiter, breakers = _policy_state(policies)
+    chosen_policies = _Policies.gather(policies)
+    memory = chosen_policies.memory
+    _check_worker_options(chosen, memory, setup, teardown)
+    if memory is not None:
+        capped = memory.cap(width)
+        if capped < width:
+            log.info(
+                "concurrency lowered from %d to %d: each item may use %s bytes "
+                "(--mem-per-item) and %s bytes are available",
+                width,
+                capped,
+                memory.per_item,
+                memory.available(),
+            )
+        width = capped
     settings = Settings(
         retry=Retry.coerce(retry),
         timeout=None if timeout is None else parse_duration(timeout, name="timeout"),
@@ -120,8 +140,9 @@ def prepare(
         ),
         batch_size=batch,
         halt=Halt.parse(halt) if isinstance(halt, str) else halt,
-        rate_limiter=rate_limiter,
-        breakers=breakers,
+        rate_limiter=chosen_policies.rate_limiter,
+        breakers=chosen_policies.breakers,
+        memory_gate=memory.gate() if memory is not None else None,
         ordered=ordered,
         collect=collect,
         key=key,
@@ -135,15 +156,25 @@ def prepare(
     # when an attempt's clock must start when it starts (a timeout, a
     # deadline), when a failure must stop the next items from starting (a
     # halt, a circuit breaker), or when starts are counted as they happen
-    # (a rate limit).
+    # (a rate limit), or when admission pauses for lack of memory.
     queue_ahead = (
         settings.timeout is None
         and settings.halt is None
         and settings.retry.deadline_seconds is None
         and settings.rate_limiter is None
         and settings.breakers is None
+        and settings.memory_gate is None
     )
-    made = _make_backend(task, chosen, width, batch, shell, env, queue_ahead)
+    made = _make_backend(
+        task,
+        chosen,
+        width,
+        batch,
+        shell,
+        env,
+        queue_ahead,
+        worker=(setup, teardown, memory),
+    )
     description = {
         "task": name,
         "backend": chosen,
@@ -158,26 +189,74 @@ def prepare(
     return Job(made, settings, signature, full_spec)
 
 
-def _policy_state(
-    policies: Sequence[object],
-) -> tuple[RateLimiter | None, Breakers | None]:
-    limiter = None
-    breakers = None
-    for policy in policies:
-        if isinstance(policy, RateLimit) and limiter is None:
-            limiter = policy.limiter()
-        elif isinstance(policy, CircuitBreaker) and breakers is None:
-            breakers = policy.breakers()
-        elif isinstance(policy, RateLimit | CircuitBreaker):
+_POLICY_TYPES: tuple[type, ...] = (RateLimit, CircuitBreaker, Memory)
+
+
+@dataclass(slots=True)
+class _Policies:
+    """The policy objects of a run, one of each kind at most."""
+
+    rate_limiter: RateLimiter | None = None
+    breakers: Breakers | None = None
+    memory: Memory | None = None
+
+    @classmethod
+    def gather(cls, policies: Sequence[object]) -> _Policies:
+        """Sort ``policies`` by kind and build their state for one run.
+
+        Raises:
+            ConfigurationError: An object is not a policy, or a kind repeats.
+        """
+        seen: set[type] = set()
+        gathered = cls()
+        for policy in policies:
+            kind = type(policy)
+            if kind not in _POLICY_TYPES:
+                names = ", ".join(t.__name__ for t in _POLICY_TYPES)
+                raise ConfigurationError(
+                    f"policies contains {policy!r}; supported policies: {names}"
+                )
+            if kind in seen:
+                raise ConfigurationError(
+                    f"policies has more than one {kind.__name__}; give one"
+                )
+            seen.add(kind)
+            if isinstance(policy, RateLimit):
+                gathered.rate_limiter = policy.limiter()
+            elif isinstance(policy, CircuitBreaker):
+                gathered.breakers = policy.breakers()
+            elif isinstance(policy, Memory):
+                gathered.memory = policy
+        return gathered
+
+
+def _check_worker_options(
+    backend: str,
+    memory: Memory | None,
+    setup: Callable[[], Any] | None,
+    teardown: Callable[[Any], Any] | None,
+) -> None:
+    """Reject worker options the chosen backend cannot honour."""
+    for name, function in (("setup", setup), ("teardown", teardown)):
+        if function is not None and not callable(function):
+            raise ConfigurationError(f"{name}={function!r} must be a callable")
+    if backend == "subprocess" and (setup is not None or teardown is not None):
+        raise ConfigurationError(
+            "setup and teardown functions apply to Python tasks; a command runs "
+            "on the subprocess backend, so make the command do its own set-up"
+        )
+    if memory is None or backend == "process":
+        return
+    for name, option in (
+        ("max_worker", "--max-memory"),
+        ("max_items_per_worker", "--max-items-per-worker"),
+    ):
+        if getattr(memory, name) is not None:
             raise ConfigurationError(
-                f"policies has more than one {type(policy).__name__}; give one"
+                f"Memory {name} ({option}) applies to worker processes, and this "
+                f"run uses the {backend} backend; choose the process backend "
+                "(--backend process) or drop the option"
             )
-        else:
-            raise ConfigurationError(
-                f"policies contains {policy!r}; supported policies: RateLimit, "
-                "CircuitBreaker"
-            )
-    return limiter, breakers
 
 
 def _positive(name: str, value: int | None, *, default: int) -> int:
@@ -250,6 +329,7 @@ def _make_backend(
     shell: bool,
     env: Mapping[str, str] | None,
     queue_ahead: bool,
+    worker: tuple[Callable[[], Any] | None, Callable[[Any], Any] | None, Memory | None],
 ) -> Backend:
     if name == "subprocess":
         from batchtools.backends._command import CommandTemplate
@@ -262,6 +342,7 @@ def _make_backend(
         )
         return SubprocessBackend(template, width, env=env, batched=batch > 1)
     spec = TaskSpec.from_callable(task)
+    spec.setup, spec.teardown, memory = worker
     if name == "async":
         return AsyncBackend(spec, width)
     if name == "thread":
@@ -269,7 +350,15 @@ def _make_backend(
     from batchtools.backends._process import ProcessBackend, check_picklable
 
     check_picklable(spec)
-    return ProcessBackend(spec, width, queue_ahead=queue_ahead)
+    max_memory = memory.max_worker if memory is not None else None
+    assert max_memory is None or isinstance(max_memory, int)
+    return ProcessBackend(
+        spec,
+        width,
+        queue_ahead=queue_ahead,
+        max_items_per_worker=memory.max_items_per_worker if memory else None,
+        max_memory=max_memory,
+    )
 
 
 def open_journal(
@@ -367,6 +456,8 @@ async def arun(
     force: bool = False,
     shell: bool = False,
     env: Mapping[str, str] | None = None,
+    setup: Callable[[], Any] | None = None,
+    teardown: Callable[[Any], Any] | None = None,
     handle_signals: bool = False,
 ) -> Report:
     """Apply ``task`` to every item and return the report; see `run`."""
@@ -384,6 +475,8 @@ async def arun(
         collect=True,
         shell=shell,
         env=env,
+        setup=setup,
+        teardown=teardown,
     )
     engine = build_engine(
         items, job, open_journal(journal, job, force=force), observers
@@ -412,6 +505,8 @@ def run(
     force: bool = False,
     shell: bool = False,
     env: Mapping[str, str] | None = None,
+    setup: Callable[[], Any] | None = None,
+    teardown: Callable[[Any], Any] | None = None,
     handle_signals: bool = False,
 ) -> Report:
     """Apply ``task`` to every item and return the report.
@@ -435,13 +530,18 @@ def run(
         key: A function giving each item's key, instead of a content hash.
         batch_size: Hand the task lists of up to this many items.
         halt: Stop early on failures, such as ``"now,fail=1"``.
-        policies: Policy objects: a `RateLimit`, a `CircuitBreaker`.
+        policies: Policy objects: a `RateLimit`, a `CircuitBreaker`, a
+            `Memory`.
         deadline: Seconds (or ``"2h"``) after which the run stops; items it
             cancels are run by a resume.
         observers: Receivers of the engine's events.
         force: Resume a journal whose run had a different signature.
         shell: Run a command template through ``/bin/sh``.
         env: The environment of commands.
+        setup: Called once in each worker (thread, process, or the event
+            loop for async tasks) before its first attempt; the task reads
+            what it returned as ``context.state``.
+        teardown: Called with that state when the worker stops normally.
         handle_signals: Stop on SIGINT, SIGTERM and SIGHUP (main thread only).
 
     Returns:
@@ -468,6 +568,8 @@ def run(
         "force": force,
         "shell": shell,
         "env": env,
+        "setup": setup,
+        "teardown": teardown,
     }
     try:
         asyncio.get_running_loop()
@@ -609,6 +711,8 @@ def astream(
     force: bool = False,
     shell: bool = False,
     env: Mapping[str, str] | None = None,
+    setup: Callable[[], Any] | None = None,
+    teardown: Callable[[Any], Any] | None = None,
 ) -> AsyncStream:
     """Yield outcomes as they finish; the async twin of `stream`.
 
@@ -630,6 +734,8 @@ def astream(
         ordered=ordered,
         shell=shell,
         env=env,
+        setup=setup,
+        teardown=teardown,
     )
     journal_file = open_journal(journal, job, force=force)
     return AsyncStream(build_engine(items, job, journal_file, observers))
@@ -727,6 +833,8 @@ def stream(
     force: bool = False,
     shell: bool = False,
     env: Mapping[str, str] | None = None,
+    setup: Callable[[], Any] | None = None,
+    teardown: Callable[[Any], Any] | None = None,
 ) -> Stream:
     """Yield outcomes as they finish, without keeping them.
 
@@ -757,5 +865,7 @@ def stream(
             force=force,
             shell=shell,
             env=env,
+            setup=setup,
+            teardown=teardown,
         )
     )

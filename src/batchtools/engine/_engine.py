@@ -56,6 +56,7 @@ from batchtools.engine._outcome import (
 from batchtools.journal import ItemRow, Journal
 from batchtools.policy.circuit_breaker import Breakers
 from batchtools.policy.fallback import FallbackValue
+from batchtools.policy.memory import MemoryGate
 from batchtools.policy.rate_limit import RateLimiter
 from batchtools.policy.retry import NO_RETRY, Retry
 
@@ -116,6 +117,8 @@ class Settings:
             outside any slot, or fails at once with ``fail_fast``.
         deadline: Seconds after which the run stops: nothing new starts,
             and attempts in flight are cancelled.
+        memory_gate: Pauses admission while available memory is low; an
+            item waits for it in its slot, like for the rate limit.
         store_value: Turns a value into the JSON text kept in the journal,
             or ``None`` to keep none.
         run_id: The run's id; new runs get a random one.
@@ -132,6 +135,7 @@ class Settings:
     rate_limiter: RateLimiter | None = None
     breakers: Breakers | None = None
     deadline: float | None = None
+    memory_gate: MemoryGate | None = None
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
@@ -261,6 +265,8 @@ class Engine:
         self.input_total: int | None = None
         self.retrying = 0
         self._waiting_for_circuit = 0
+        self._pauses_logged = 0
+        self._resumes_logged = 0
         # Sources that must be awaited, and journal registration, are read a
         # block ahead; an in-memory source without a journal is read inline.
         self._prefetch = not (
@@ -395,6 +401,12 @@ class Engine:
             stats = self.backend.statistics()
             report.abandoned_threads = stats.abandoned_threads
             report.workers_lost = stats.workers_lost
+            report.workers_recycled = stats.workers_recycled
+            report.memory_kills = stats.memory_kills
+            gate = self.settings.memory_gate
+            if gate is not None:
+                report.memory_pauses = gate.pauses
+                report.paused_seconds = gate.paused_time()
             report.duration = time.perf_counter() - began
             report.interrupted = self._stopping is not None and report.halted is None
         self._drain_reorder(final=True)
@@ -650,6 +662,9 @@ class Engine:
         return Context(self.run_id, key, job.attempt, job.seq, f"{self.run_id}:{key}")
 
     async def _attempt(self, job: _Job, owner: asyncio.Task[Any] | None) -> None:
+        gate = self.settings.memory_gate
+        if gate is not None and gate.admit() > 0 and not await self._memory_allows(job):
+            return
         breakers = self.settings.breakers
         if breakers is not None and not self._circuit_allows(job, breakers):
             return
@@ -778,6 +793,23 @@ class Engine:
                         "reason": transition.reason,
                     },
                 )
+
+    async def _memory_allows(self, job: _Job) -> bool:
+        """Wait until there is memory to start ``job``; false if it may not."""
+        gate = self.settings.memory_gate
+        assert gate is not None and self._stopped is not None
+        if gate.pauses > self._pauses_logged:
+            self._pauses_logged = gate.pauses
+            log.warning("run %s admission %s", self.run_id, gate.reason())
+        while (delay := gate.admit()) > 0:
+            await asyncio.wait([self._stopped], timeout=delay)
+            if self._stopping is not None:
+                self._cancelled(job, self._stopping)
+                return False
+        if self._resumes_logged < gate.pauses:
+            self._resumes_logged = gate.pauses
+            log.info("run %s admission resumed: memory is available again", self.run_id)
+        return True
 
     async def _rate_allows(self, job: _Job) -> bool:
         """Wait until the rate limit lets ``job`` start; false if it may not."""

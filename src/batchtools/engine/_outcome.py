@@ -261,6 +261,10 @@ class Report:
         abandoned_threads: Thread attempts given up on whose thread was
             still running at the end.
         workers_lost: Worker processes that died during an attempt.
+        workers_recycled: Worker processes replaced after their share of items.
+        memory_kills: Worker processes killed for using too much memory.
+        memory_pauses: How many times admission paused for lack of memory.
+        paused_seconds: Seconds admission spent paused for lack of memory.
         rate_limited: Attempts that had to wait for the rate limit.
         circuit_transitions: Every change of a circuit breaker's state.
         unnumbered: Whether keys of repeated items still need their
@@ -280,6 +284,10 @@ class Report:
     journal: str | None = None
     abandoned_threads: int = 0
     workers_lost: int = 0
+    workers_recycled: int = 0
+    memory_kills: int = 0
+    memory_pauses: int = 0
+    paused_seconds: float = 0.0
     rate_limited: int = 0
     circuit_transitions: list[Any] = field(default_factory=list)
     unnumbered: bool = False

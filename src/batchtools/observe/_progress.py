@@ -103,4 +103,7 @@ class Progress:
         parts.append(f"{rate:,.1f}/s")
         if self.total and rate > 0 and self.done < self.total:
             parts.append(f"ETA {format_duration((self.total - self.done) / rate)}")
+        gate = engine.settings.memory_gate if engine is not None else None
+        if gate is not None and gate.paused:
+            parts.append(gate.reason())
         return " | ".join(parts)

@@ -53,6 +53,21 @@ def summary_lines(
         )
     if report.workers_lost:
         lines.append(f"{report.workers_lost} worker processes died during attempts.")
+    if report.memory_kills:
+        lines.append(
+            f"{report.memory_kills} worker processes were killed for using more "
+            "memory than allowed."
+        )
+    if report.workers_recycled:
+        lines.append(
+            f"{report.workers_recycled} worker processes were replaced after their "
+            "share of items."
+        )
+    if report.memory_pauses:
+        lines.append(
+            f"Admission paused {report.memory_pauses} times for lack of memory, "
+            f"for {format_duration(report.paused_seconds)} in all."
+        )
     if report.rate_limited:
         lines.append(f"Attempts waited for the rate limit {report.rate_limited} times.")
     if report.circuit_transitions:

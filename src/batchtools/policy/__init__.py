@@ -7,6 +7,7 @@ from batchtools.policy.circuit_breaker import (
     Transition,
 )
 from batchtools.policy.fallback import Fallback, FallbackValue
+from batchtools.policy.memory import Memory, MemoryGate
 from batchtools.policy.rate_limit import RateLimit, RateLimiter
 from batchtools.policy.retry import NO_RETRY, Backoff, Retry
 
@@ -17,6 +18,8 @@ __all__ = [
     "CircuitBreaker",
     "Fallback",
     "FallbackValue",
+    "Memory",
+    "MemoryGate",
     "RateLimit",
     "RateLimiter",
     "Retry",

@@ -1,0 +1,215 @@
+"""Per-worker setup and teardown on every Python backend."""
+
+from __future__ import annotations
+
+import collections
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import batchtools
+from batchtools import ConfigurationError, State
+from tests.engine import tasks
+
+
+def test_thread_workers_each_set_up_once_and_tear_down_their_own_state() -> None:
+    lock = threading.Lock()
+    made: list[str] = []
+    closed: list[str] = []
+
+    def setup() -> str:
+        name = threading.current_thread().name
+        with lock:
+            made.append(name)
+        return name
+
+    def teardown(state: str) -> None:
+        with lock:
+            closed.append(state)
+
+    def task(item: int, context: batchtools.Context) -> tuple[str, str]:
+        return context.state, threading.current_thread().name
+
+    report = batchtools.run(
+        range(200),
+        task,
+        backend="thread",
+        concurrency=4,
+        setup=setup,
+        teardown=teardown,
+    )
+
+    assert report.ok
+    assert sorted(made) == sorted(closed)
+    assert len(made) == 4
+    for state, thread in report.values():
+        assert state == thread
+
+
+def test_async_setup_runs_once_and_every_coroutine_shares_it() -> None:
+    events: list[str] = []
+
+    class Client:
+        pass
+
+    async def setup() -> Client:
+        events.append("setup")
+        return Client()
+
+    async def teardown(state: Client) -> None:
+        events.append("teardown")
+
+    async def task(item: int, context: batchtools.Context) -> int:
+        assert isinstance(context.state, Client)
+        return id(context.state)
+
+    report = batchtools.run(
+        range(50), task, concurrency=8, setup=setup, teardown=teardown
+    )
+
+    assert report.ok
+    assert len(set(report.values())) == 1
+    assert events == ["setup", "teardown"]
+
+
+def test_process_workers_keep_their_own_state(tmp_path: Path) -> None:
+    record = tmp_path / "closed.txt"
+
+    def teardown(state: int) -> None:
+        with record.open("a") as file:
+            file.write(f"{state}\n")
+
+    report = batchtools.run(
+        range(60),
+        tasks.state_and_pid,
+        backend="process",
+        concurrency=2,
+        setup=tasks.worker_pid,
+        teardown=teardown,
+    )
+
+    assert report.ok
+    pids = set()
+    for state, pid in report.values():
+        assert state == pid
+        pids.add(pid)
+    closed = record.read_text().split()
+    assert sorted(closed) == sorted(str(pid) for pid in pids)
+
+
+def test_thread_setup_failure_stops_the_run_before_any_attempt() -> None:
+    calls: list[int] = []
+
+    def setup() -> None:
+        raise ConnectionRefusedError("the database refused the connection")
+
+    with pytest.raises(ConfigurationError) as caught:
+        batchtools.run(
+            range(5), calls.append, backend="thread", concurrency=2, setup=setup
+        )
+
+    assert calls == []
+    message = str(caught.value)
+    assert "setup function" in message
+    assert "the database refused the connection" in message
+
+
+def test_async_setup_failure_stops_the_run_before_any_attempt() -> None:
+    calls: list[int] = []
+
+    async def task(item: int) -> None:
+        calls.append(item)
+
+    def setup() -> None:
+        raise ConnectionRefusedError("no route")
+
+    with pytest.raises(ConfigurationError, match="setup function"):
+        batchtools.run(range(5), task, setup=setup)
+
+    assert calls == []
+
+
+def test_process_setup_failure_fails_the_items_with_the_cause() -> None:
+    report = batchtools.run(
+        range(4),
+        tasks.pid_of_worker,
+        backend="process",
+        concurrency=2,
+        setup=tasks.setup_that_fails,
+    )
+
+    assert report.counts["failed"] == 4
+    for outcome in report.outcomes:
+        assert isinstance(outcome.error, ConfigurationError)
+        assert "setup function" in str(outcome.error)
+        assert "refused the connection" in str(outcome.error)
+
+
+def test_commands_take_no_setup_function() -> None:
+    with pytest.raises(ConfigurationError, match="apply to Python tasks"):
+        batchtools.run(["a"], "echo {}", setup=lambda: None)
+
+
+def test_a_setup_that_is_not_callable_is_rejected() -> None:
+    bad: Any = "connect"
+
+    with pytest.raises(ConfigurationError, match="setup='connect'"):
+        batchtools.run([1], lambda item: item, setup=bad)
+
+
+def test_process_workers_are_replaced_after_their_share_of_items() -> None:
+    report = batchtools.run(
+        range(40),
+        tasks.pid_of_worker,
+        backend="process",
+        concurrency=2,
+        policies=[batchtools.Memory(max_items_per_worker=3)],
+    )
+
+    assert report.ok
+    per_pid = collections.Counter(report.values())
+    assert max(per_pid.values()) <= 3
+    assert len(per_pid) >= 14
+    assert report.workers_recycled >= 13
+    assert report.workers_lost == 0
+
+
+def test_worker_over_its_memory_limit_fails_its_item_and_the_pool_goes_on() -> None:
+    items = ["a", "b", "big", "c", "d", "e"]
+
+    report = batchtools.run(
+        items,
+        tasks.hog_memory,
+        backend="process",
+        concurrency=2,
+        timeout=120,
+        policies=[batchtools.Memory(max_worker="150M")],
+    )
+
+    by_item = {outcome.item: outcome for outcome in report.outcomes}
+    big = by_item.pop("big")
+    assert big.state is State.FAILED
+    assert isinstance(big.error, batchtools.MemoryLimitError)
+    assert big.error.limit == 150 * 2**20
+    assert big.error.rss > big.error.limit
+    assert "MiB" in str(big.error)
+    assert all(outcome.ok for outcome in by_item.values())
+    assert report.memory_kills == 1
+
+
+@pytest.mark.parametrize("backend", ["thread", "async"])
+def test_worker_limits_need_the_process_backend(backend: str) -> None:
+    async def coroutine(item: int) -> int:
+        return item
+
+    task = coroutine if backend == "async" else (lambda item: item)
+
+    with pytest.raises(ConfigurationError, match="--backend process"):
+        batchtools.run(
+            [1],
+            task,
+            backend=backend,
+            policies=[batchtools.Memory(max_worker="1G")],
+        )
