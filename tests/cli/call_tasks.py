@@ -34,3 +34,24 @@ def record_then_wait(item: str) -> str:
             raise TimeoutError(f"gate file {gate} did not appear")
         time.sleep(0.02)
     return item
+
+
+def connect() -> str:
+    """Setup function: return the worker's state, here a made-up session name."""
+    return f"session-{os.getpid()}"
+
+
+def disconnect(state: str) -> None:
+    """Teardown function: note in ``CALL_LEDGER`` that ``state`` was closed."""
+    with open(os.environ["CALL_LEDGER"], "a") as ledger:
+        ledger.write(f"closed {state}\n")
+
+
+def with_session(item: str, context: object) -> str:
+    """Return the item with the worker's session name."""
+    return f"{item} {getattr(context, 'state', None)}"
+
+
+def worker_pid(item: str) -> str:
+    """Return the pid of the process that executed the item."""
+    return str(os.getpid())

@@ -72,6 +72,22 @@ CASES: dict[str, tuple[Callable[[Path], list[Argument]], list[str] | None, str]]
         "soon",
     ),
     "missing job file": (lambda _: ["-f", "missing.toml"], [":::", "a"], "missing"),
+    "invalid memfree": (lambda _: ["--memfree", "lots"], [":::", "a"], "--memfree"),
+    "worker memory limit on commands": (
+        lambda _: ["--max-memory", "1G"],
+        [":::", "a"],
+        "--backend process",
+    ),
+    "setup without call": (
+        lambda _: ["--setup", "tests.cli.call_tasks:connect"],
+        [":::", "a"],
+        "needs --call",
+    ),
+    "job file invalid size": (
+        _bad_job_file('[run]\nmem_per_item = "big"\n'),
+        [":::", "a"],
+        "run.mem_per_item",
+    ),
 }
 
 

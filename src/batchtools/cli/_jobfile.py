@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from batchtools._exceptions import ConfigurationError
-from batchtools.policy._units import parse_duration
+from batchtools.policy._units import parse_duration, parse_size
 
 
 class _Strict(BaseModel):
@@ -53,8 +53,22 @@ class RunTable(_Strict):
     max_args: int | None = None
     colsep: str | None = None
     null: bool | None = None
+    memfree: str | int | None = None
+    mem_per_item: str | int | None = None
+    max_memory: str | int | None = None
+    max_items_per_worker: int | None = None
 
-    @field_validator("jobs", "max_args")
+    @field_validator("memfree", "mem_per_item", "max_memory")
+    @classmethod
+    def _size(cls, value: str | int | None) -> str | int | None:
+        if value is not None:
+            try:
+                parse_size(value, name="size")
+            except ConfigurationError as error:
+                raise ValueError(str(error)) from None
+        return value
+
+    @field_validator("jobs", "max_args", "max_items_per_worker")
     @classmethod
     def _at_least_one(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
@@ -94,6 +108,8 @@ class TaskTable(_Strict):
     command: str | list[str] | None = None
     call: str | None = None
     backend: str | None = None
+    setup: str | None = None
+    teardown: str | None = None
 
 
 class JobFile(_Strict):

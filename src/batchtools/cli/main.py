@@ -49,6 +49,7 @@ from batchtools.journal import (
 )
 from batchtools.observe._summary import preview, summary_lines
 from batchtools.policy.circuit_breaker import CircuitBreaker
+from batchtools.policy.memory import Memory
 from batchtools.policy.rate_limit import RateLimit
 from batchtools.policy.retry import Retry
 
@@ -98,6 +99,12 @@ class RunOptions:
     deadline: str | None = None
     item_deadline: str | None = None
     results: str | None = None
+    memfree: str | None = None
+    mem_per_item: str | None = None
+    max_memory: str | None = None
+    max_items_per_worker: int | None = None
+    setup: str | None = None
+    teardown: str | None = None
 
 
 # -- the command group ------------------------------------------------------
@@ -234,6 +241,45 @@ def main() -> None:
     default=None,
     help="Start at most N attempts per period, such as 20/s, 100/m or 5/10s; "
     "retries count.",
+)
+@click.option(
+    "--memfree",
+    metavar="SIZE",
+    default=None,
+    help="Start no attempt while less than SIZE of memory is available, such as 2G.",
+)
+@click.option(
+    "--mem-per-item",
+    metavar="SIZE",
+    default=None,
+    help="Run no more attempts at once than the available memory divided by SIZE.",
+)
+@click.option(
+    "--max-memory",
+    metavar="SIZE",
+    default=None,
+    help="Kill a worker process that uses more than SIZE, failing its item "
+    "(--backend process).",
+)
+@click.option(
+    "--max-items-per-worker",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Replace each worker process after N items, for leaky tasks "
+    "(--backend process).",
+)
+@click.option(
+    "--setup",
+    metavar="MODULE:FUNCTION",
+    default=None,
+    help="With --call, run FUNCTION once in each worker first; the task gets its "
+    "value as context.state.",
+)
+@click.option(
+    "--teardown",
+    metavar="MODULE:FUNCTION",
+    default=None,
+    help="With --call, run FUNCTION with that value when each worker stops.",
 )
 @click.option(
     "--dry-run", is_flag=True, help="Print the commands that would run; run nothing."
@@ -521,6 +567,20 @@ def _plan_run(
             pick("item_deadline", run_table.item_deadline if run_table else None, None)
         ),
         results=pick("results", run_table.results if run_table else None, None),
+        memfree=_text(pick("memfree", run_table.memfree if run_table else None, None)),
+        mem_per_item=_text(
+            pick("mem_per_item", run_table.mem_per_item if run_table else None, None)
+        ),
+        max_memory=_text(
+            pick("max_memory", run_table.max_memory if run_table else None, None)
+        ),
+        max_items_per_worker=pick(
+            "max_items_per_worker",
+            run_table.max_items_per_worker if run_table else None,
+            None,
+        ),
+        setup=pick("setup", task_table.setup if task_table else None, None),
+        teardown=pick("teardown", task_table.teardown if task_table else None, None),
     )
     journal = pick("journal", run_table.journal if run_table else None, None)
     options["journal"] = journal
@@ -565,6 +625,17 @@ def _checked_plan(options: RunOptions, input_spec: InputSpec) -> Plan:
     if options.jobs is not None and options.jobs < 1:
         raise ConfigurationError(f"--jobs {options.jobs} must be at least 1")
     task = _load_call(options.call) if options.call else options.command
+    for option, target in (
+        ("--setup", options.setup),
+        ("--teardown", options.teardown),
+    ):
+        if target is not None and options.call is None:
+            raise ConfigurationError(
+                f"{option} {target!r} needs --call: setup and teardown functions "
+                "apply to Python tasks, not to commands"
+            )
+        if target is not None:
+            _import_function(target, option)
     if options.call is None and not options.shell:
         from batchtools.backends._command import CommandTemplate
 
@@ -590,11 +661,12 @@ def _check_columns(template: Any, columns: int) -> None:
         ) from None
 
 
-def _load_call(target: str) -> Any:
+def _import_function(target: str, option: str) -> Any:
+    """Import the function that ``target`` (``MODULE:FUNCTION``) names."""
     module_name, _, function_name = target.partition(":")
     if not module_name or not function_name:
         raise ConfigurationError(
-            f"--call {target!r} must have the form MODULE:FUNCTION, such as "
+            f"{option} {target!r} must have the form MODULE:FUNCTION, such as "
             "'mypackage.tasks:resize'"
         )
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -603,14 +675,19 @@ def _load_call(target: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise ConfigurationError(
-            f"--call {target!r}: cannot import {module_name!r}: {error}"
+            f"{option} {target!r}: cannot import {module_name!r}: {error}"
         ) from None
     function = getattr(module, function_name, None)
     if function is None or not callable(function):
         raise ConfigurationError(
-            f"--call {target!r}: module {module_name!r} has no function "
+            f"{option} {target!r}: module {module_name!r} has no function "
             f"{function_name!r}"
         )
+    return function
+
+
+def _load_call(target: str) -> Any:
+    function = _import_function(target, "--call")
     return (
         _CallAdapter(function)
         if not asyncio.iscoroutinefunction(function)
@@ -700,6 +777,12 @@ def _execute(
             policies=_policies(options),
             ordered=options.keep_order,
             spec={"cli": asdict(options)},
+            setup=_import_function(options.setup, "--setup") if options.setup else None,
+            teardown=(
+                _import_function(options.teardown, "--teardown")
+                if options.teardown
+                else None
+            ),
         )
     except ConfigurationError as error:
         raise UsageError(str(error)) from None
@@ -767,6 +850,20 @@ def _policies(options: RunOptions) -> list[object]:
         policies.append(CircuitBreaker.parse(options.breaker, reset_timeout=reset))
     elif options.breaker_reset is not None:
         raise ConfigurationError("--breaker-reset needs --breaker")
+    if (
+        options.memfree is not None
+        or options.mem_per_item is not None
+        or options.max_memory is not None
+        or options.max_items_per_worker is not None
+    ):
+        policies.append(
+            Memory(
+                free=options.memfree,
+                per_item=options.mem_per_item,
+                max_worker=options.max_memory,
+                max_items_per_worker=options.max_items_per_worker,
+            )
+        )
     return policies
 
 

@@ -1,0 +1,88 @@
+"""Memory, load and worker options of ``batchtools run``, as flags and in job files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.cli.support import cli_environment, run_cli
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_setup_state_reaches_the_task_and_teardown_runs(
+    tmp_path: Path, backend: str
+) -> None:
+    ledger = tmp_path / "ledger"
+    environment = cli_environment(CALL_LEDGER=str(ledger))
+
+    result = run_cli(
+        [
+            "run",
+            "-q",
+            "-j",
+            "2",
+            "--backend",
+            backend,
+            "--call",
+            "tests.cli.call_tasks:with_session",
+            "--setup",
+            "tests.cli.call_tasks:connect",
+            "--teardown",
+            "tests.cli.call_tasks:disconnect",
+            ":::",
+            "a",
+            "b",
+            "c",
+        ],
+        tmp_path,
+        environment=environment,
+    )
+
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    lines = result.stdout.decode().split("\n")
+    sessions = {line.split()[1] for line in lines if line}
+    assert {line.split()[0] for line in lines if line} == {"a", "b", "c"}
+    assert all(session.startswith("session-") for session in sessions)
+    closed = ledger.read_text().splitlines()
+    assert len(closed) == 2  # one teardown per worker
+    assert sessions <= {line.removeprefix("closed ") for line in closed}
+
+
+def test_memory_options_in_a_job_file_run(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text(
+        '[run]\nmemfree = "1K"\nmem_per_item = "1K"\njobs = 2\n'
+        '[input]\nargs = ["x", "y"]\n[task]\ncommand = ["echo", "{}"]\n'
+    )
+
+    result = run_cli(["run", "-q", "-f", job], tmp_path)
+
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert sorted(result.stdout.decode().split()) == ["x", "y"]
+
+
+def test_max_items_per_worker_recycles_process_workers(tmp_path: Path) -> None:
+    result = run_cli(
+        [
+            "run",
+            "-j",
+            "1",
+            "--backend",
+            "process",
+            "--max-items-per-worker",
+            "2",
+            "--call",
+            "tests.cli.call_tasks:worker_pid",
+            ":::",
+            *[str(n) for n in range(6)],
+        ],
+        tmp_path,
+    )
+
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 0, stderr
+    pids = result.stdout.decode().split()
+    assert len(pids) == 6
+    assert len(set(pids)) == 3
+    assert "3 worker processes were replaced after their share of items" in stderr
