@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -165,6 +166,45 @@ def test_every_transition_is_in_the_table(steps: list[tuple[float, bool]]) -> No
         assert transition.new in BREAKER_TRANSITIONS[transition.old]
         previous = transition.new
     assert breakers.circuit(None).state is previous
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.floats(min_value=0, max_value=5), st.booleans()),
+        max_size=120,
+    )
+)
+def test_shortcuts_of_the_unkeyed_circuit_change_no_decision(
+    steps: list[tuple[float, bool]],
+) -> None:
+    # The one circuit of an unkeyed breaker skips work while it is healthy;
+    # a keyed breaker with a constant key takes the full path every time.
+    clock = FakeClock()
+    options: dict[str, Any] = {
+        "window": 6,
+        "min_calls": 4,
+        "failure_rate": 0.5,
+        "consecutive_failures": 3,
+        "reset_timeout": 2,
+        "clock": clock,
+    }
+    unkeyed = CircuitBreaker(**options).breakers()
+    keyed = CircuitBreaker(key=lambda item: "k", **options).breakers()
+
+    for gap, failed in steps:
+        clock.now += gap
+        admitted = []
+        for breakers, key in ((unkeyed, None), (keyed, "k")):
+            delay, generation = breakers.admit(key)
+            admitted.append(delay)
+            if delay == 0.0:
+                breakers.record(key, Boom() if failed else None, generation)
+        assert admitted[0] == admitted[1]
+
+    assert [(t.new, t.at, t.reason) for t in unkeyed.transitions] == [
+        (t.new, t.at, t.reason) for t in keyed.transitions
+    ]
 
 
 def test_keys_have_their_own_circuits_in_a_bounded_cache() -> None:

@@ -54,7 +54,7 @@ from batchtools.engine._outcome import (
     format_error,
 )
 from batchtools.journal import ItemRow, Journal
-from batchtools.policy.circuit_breaker import Breakers
+from batchtools.policy.circuit_breaker import Breakers, BreakerState
 from batchtools.policy.fallback import FallbackValue
 from batchtools.policy.memory import MemoryGate
 from batchtools.policy.rate_limit import RateLimiter
@@ -713,8 +713,14 @@ class Engine:
             return
         del self._active[call]
         duration = time.perf_counter() - began
-        if self.settings.breakers is not None:
-            self._record_circuit(job, None)
+        if breakers is not None:
+            single = breakers.single
+            if (
+                single is None
+                or not single.healthy
+                or single.generation != job.circuit_generation
+            ):
+                self._record_circuit(job, None)
         if job.members is None:
             self._succeeded(job, value, started, duration)
         else:
@@ -741,6 +747,10 @@ class Engine:
 
     def _circuit_allows(self, job: _Job, breakers: Breakers) -> bool:
         """Let ``job`` start if its circuit allows; else park or fail it."""
+        single = breakers.single
+        if single is not None and single.state is BreakerState.CLOSED:
+            job.circuit_generation = single.generation
+            return True
         try:
             key = breakers.key_of(_first_item(job))
         except Exception as error:
@@ -748,7 +758,8 @@ class Engine:
             return False
         seen = len(breakers.transitions)
         delay, job.circuit_generation = breakers.admit(key)
-        self._note_transitions(breakers, seen)
+        if len(breakers.transitions) != seen:
+            self._note_transitions(breakers, seen)
         if delay == 0.0:
             return True
         if breakers.policy.fail_fast:
@@ -769,7 +780,8 @@ class Engine:
         key = breakers.key_of(_first_item(job))
         seen = len(breakers.transitions)
         breakers.record(key, error, job.circuit_generation)
-        self._note_transitions(breakers, seen)
+        if len(breakers.transitions) != seen:
+            self._note_transitions(breakers, seen)
 
     def _note_transitions(self, breakers: Breakers, seen: int) -> None:
         """Log, journal and report the circuit changes after the first ``seen``."""

@@ -268,6 +268,9 @@ class Breaker:
         self._failures_in_window = 0
         self._in_a_row = 0
         self._opened_at = 0.0
+        # Closed, with a full window of successes: another success changes
+        # nothing, so it need not be recorded.
+        self.healthy = False
         self._probes_started = 0
         self._probes_passed = 0
         # Changes with every transition, so that a call's result counts only
@@ -339,7 +342,13 @@ class Breaker:
         self._results.append(failed)
         self._failures_in_window += failed
         self._in_a_row = self._in_a_row + 1 if failed else 0
-        return self._check_thresholds(now)
+        transition = self._check_thresholds(now)
+        self.healthy = (
+            self.state is BreakerState.CLOSED
+            and self._failures_in_window == 0
+            and len(self._results) == self._results.maxlen
+        )
+        return transition
 
     def _check_thresholds(self, now: float) -> Transition | None:
         policy = self.policy
@@ -364,6 +373,7 @@ class Breaker:
         if new not in BREAKER_TRANSITIONS[old]:
             raise RuntimeError(f"circuit cannot go from {old.value} to {new.value}")
         self.state = new
+        self.healthy = False
         self.generation += 1
         self._probes_started = 0
         self._probes_passed = 0
@@ -378,6 +388,7 @@ class Breakers:
     """The circuits of one `CircuitBreaker` policy, one per key, in an LRU.
 
     Attributes:
+        single: The one circuit of a policy without a key function.
         transitions: Every state change so far, oldest first.
     """
 
@@ -387,6 +398,8 @@ class Breakers:
             maxsize=policy.max_keys
         )
         self._lock = threading.Lock()
+        # Without a key function there is one circuit, kept out of the LRU.
+        self.single = Breaker(policy, None) if policy.key is None else None
         self.transitions: list[Transition] = []
 
     def __repr__(self) -> str:
@@ -402,6 +415,8 @@ class Breakers:
 
     def circuit(self, key: Any) -> Breaker:
         """Return the circuit of ``key``, making a closed one if needed."""
+        if self.single is not None:
+            return self.single
         circuit = self._circuits.get(key)
         if circuit is None:
             circuit = self._circuits[key] = Breaker(self.policy, key)
@@ -418,6 +433,11 @@ class Breakers:
             The seconds to wait (0.0 when it may start) and the circuit's
             generation, to pass back to `record` with the call's result.
         """
+        circuit = self.single
+        if circuit is not None and circuit.state is BreakerState.CLOSED:
+            # A closed circuit admits every call, and reading its state needs
+            # no lock: a call admitted as it opens counts in the old generation.
+            return 0.0, circuit.generation
         with self._lock:
             circuit = self.circuit(key)
             delay, transition = circuit.wait_time(self.policy.clock())
@@ -449,6 +469,14 @@ class Breakers:
             generation: What `admit` or `enter` returned for the call; a
                 result from an earlier state of the circuit is ignored.
         """
+        single = self.single
+        if (
+            error is None
+            and single is not None
+            and single.healthy
+            and generation in (None, single.generation)
+        ):
+            return
         if error is not None and not isinstance(error, self.policy.on):
             failed = None
         else:
