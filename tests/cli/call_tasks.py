@@ -55,3 +55,15 @@ def with_session(item: str, context: object) -> str:
 def worker_pid(item: str) -> str:
     """Return the pid of the process that executed the item."""
     return str(os.getpid())
+
+
+def primary(item: str) -> str:
+    """Fail for items that start with ``bad``; return the others marked."""
+    if item.startswith("bad"):
+        raise ConnectionError(f"primary cannot serve {item}")
+    return f"{item} from primary"
+
+
+def backup(item: str) -> str:
+    """Serve every item, marked as coming from the backup."""
+    return f"{item} from backup"

@@ -86,3 +86,53 @@ def test_max_items_per_worker_recycles_process_workers(tmp_path: Path) -> None:
     assert len(pids) == 6
     assert len(set(pids)) == 3
     assert "3 worker processes were replaced after their share of items" in stderr
+
+
+def test_fallback_chain_serves_what_the_call_cannot(tmp_path: Path) -> None:
+    result = run_cli(
+        [
+            "run",
+            "-k",
+            "--call",
+            "tests.cli.call_tasks:primary",
+            "--fallback",
+            "tests.cli.call_tasks:backup",
+            ":::",
+            "a",
+            "bad-b",
+            "c",
+        ],
+        tmp_path,
+    )
+
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 0, stderr
+    assert result.stdout.decode().splitlines() == [
+        "a from primary",
+        "bad-b from backup",
+        "c from primary",
+    ]
+    assert "Succeeded by fallback strategy: primary 2, backup 1." in stderr
+
+
+def test_fallback_in_a_job_file(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text(
+        '[input]\nargs = ["bad-x"]\n[task]\ncall = "tests.cli.call_tasks:primary"\n'
+        'fallback = ["tests.cli.call_tasks:backup"]\n'
+    )
+
+    result = run_cli(["run", "-q", "-f", job], tmp_path)
+
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert result.stdout.decode() == "bad-x from backup\n"
+
+
+def test_fallback_needs_call(tmp_path: Path) -> None:
+    result = run_cli(
+        ["run", "--fallback", "tests.cli.call_tasks:backup", "echo", ":::", "a"],
+        tmp_path,
+    )
+
+    assert result.returncode == 2
+    assert b"needs --call" in result.stderr

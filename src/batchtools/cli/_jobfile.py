@@ -110,6 +110,7 @@ class TaskTable(_Strict):
     backend: str | None = None
     setup: str | None = None
     teardown: str | None = None
+    fallback: list[str] | None = None
 
 
 class JobFile(_Strict):

@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -49,6 +49,7 @@ from batchtools.journal import (
 )
 from batchtools.observe._summary import preview, summary_lines
 from batchtools.policy.circuit_breaker import CircuitBreaker
+from batchtools.policy.fallback import Fallback
 from batchtools.policy.memory import Memory
 from batchtools.policy.rate_limit import RateLimit
 from batchtools.policy.retry import Retry
@@ -105,6 +106,7 @@ class RunOptions:
     max_items_per_worker: int | None = None
     setup: str | None = None
     teardown: str | None = None
+    fallback: list[str] = field(default_factory=list)
 
 
 # -- the command group ------------------------------------------------------
@@ -274,6 +276,14 @@ def main() -> None:
     default=None,
     help="With --call, run FUNCTION once in each worker first; the task gets its "
     "value as context.state.",
+)
+@click.option(
+    "--fallback",
+    "fallback",
+    metavar="MODULE:FUNCTION",
+    multiple=True,
+    help="With --call, try FUNCTION on an item whose --call function raised; "
+    "repeat for a chain.",
 )
 @click.option(
     "--teardown",
@@ -580,6 +590,10 @@ def _plan_run(
             None,
         ),
         setup=pick("setup", task_table.setup if task_table else None, None),
+        fallback=list(
+            options["fallback"]
+            or (task_table.fallback if task_table and task_table.fallback else [])
+        ),
         teardown=pick("teardown", task_table.teardown if task_table else None, None),
     )
     journal = pick("journal", run_table.journal if run_table else None, None)
@@ -624,7 +638,15 @@ def _checked_plan(options: RunOptions, input_spec: InputSpec) -> Plan:
     input_spec.check()
     if options.jobs is not None and options.jobs < 1:
         raise ConfigurationError(f"--jobs {options.jobs} must be at least 1")
-    task = _load_call(options.call) if options.call else options.command
+    if options.fallback and options.call is None:
+        raise ConfigurationError(
+            f"--fallback {options.fallback[0]!r} needs --call: a fallback chain "
+            "is made of Python functions. For commands, chain them in the shell "
+            "with --shell 'first {} || second {}'"
+        )
+    task = (
+        _load_call(options.call, options.fallback) if options.call else options.command
+    )
     for option, target in (
         ("--setup", options.setup),
         ("--teardown", options.teardown),
@@ -686,13 +708,14 @@ def _import_function(target: str, option: str) -> Any:
     return function
 
 
-def _load_call(target: str) -> Any:
+def _load_call(target: str, fallbacks: Sequence[str] = ()) -> Any:
     function = _import_function(target, "--call")
-    return (
-        _CallAdapter(function)
-        if not asyncio.iscoroutinefunction(function)
-        else _AsyncCallAdapter(function)
-    )
+    if fallbacks:
+        others = [_import_function(name, "--fallback") for name in fallbacks]
+        function = Fallback(function, *others)
+    if TaskSpec.from_callable(function).is_async:
+        return _AsyncCallAdapter(function)
+    return _CallAdapter(function)
 
 
 class _CallAdapter:

@@ -873,6 +873,7 @@ class Engine:
         if type(value) is FallbackValue:
             strategy = value.strategy
             value = value.value
+            self.report.strategies[strategy] += 1
         attempts = job.attempts
         if attempts is not None or self.settings.collect:
             attempts = attempts or []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import enum
 import re
 import traceback
@@ -266,6 +267,7 @@ class Report:
         memory_pauses: How many times admission paused for lack of memory.
         paused_seconds: Seconds admission spent paused for lack of memory.
         rate_limited: Attempts that had to wait for the rate limit.
+        strategies: Items that succeeded per fallback strategy.
         circuit_transitions: Every change of a circuit breaker's state.
         unnumbered: Whether keys of repeated items still need their
             occurrence numbers (a run without a journal).
@@ -289,6 +291,7 @@ class Report:
     memory_pauses: int = 0
     paused_seconds: float = 0.0
     rate_limited: int = 0
+    strategies: collections.Counter[str] = field(default_factory=collections.Counter)
     circuit_transitions: list[Any] = field(default_factory=list)
     unnumbered: bool = False
 

@@ -68,6 +68,13 @@ def summary_lines(
             f"Admission paused {report.memory_pauses} times for lack of memory, "
             f"for {format_duration(report.paused_seconds)} in all."
         )
+    if len(report.strategies) > 1 or (
+        report.strategies and report.counts["succeeded"] > report.strategies.total()
+    ):
+        used = ", ".join(
+            f"{name} {count}" for name, count in report.strategies.most_common()
+        )
+        lines.append(f"Succeeded by fallback strategy: {used}.")
     if report.rate_limited:
         lines.append(f"Attempts waited for the rate limit {report.rate_limited} times.")
     if report.circuit_transitions:
