@@ -8,6 +8,7 @@ from batchtools.policy.circuit_breaker import (
 )
 from batchtools.policy.fallback import Fallback, FallbackValue
 from batchtools.policy.memory import Memory, MemoryGate
+from batchtools.policy.pool import PoolStatistics, ResourcePool
 from batchtools.policy.rate_limit import RateLimit, RateLimiter
 from batchtools.policy.retry import NO_RETRY, Backoff, Retry
 
@@ -20,8 +21,10 @@ __all__ = [
     "FallbackValue",
     "Memory",
     "MemoryGate",
+    "PoolStatistics",
     "RateLimit",
     "RateLimiter",
+    "ResourcePool",
     "Retry",
     "Transition",
     "parse_duration",
