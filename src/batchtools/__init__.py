@@ -29,6 +29,7 @@ from batchtools.engine._halt import Halt
 from batchtools.engine._outcome import Attempt, FailureGroup, Outcome, Report, State
 from batchtools.policy import (
     Backoff,
+    Cache,
     CircuitBreaker,
     Fallback,
     Memory,
@@ -48,6 +49,7 @@ __all__ = [
     "AttemptTimeoutError",
     "Backoff",
     "BatchtoolsError",
+    "Cache",
     "CircuitBreaker",
     "CircuitOpenError",
     "CommandFailedError",

@@ -67,3 +67,10 @@ def primary(item: str) -> str:
 def backup(item: str) -> str:
     """Serve every item, marked as coming from the backup."""
     return f"{item} from backup"
+
+
+def count_call(item: str) -> str:
+    """Append the item to ``CALL_LEDGER`` and return it reversed."""
+    with open(os.environ["CALL_LEDGER"], "a") as ledger:
+        ledger.write(f"{item}\n")
+    return item[::-1]

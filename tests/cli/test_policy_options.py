@@ -136,3 +136,50 @@ def test_fallback_needs_call(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert b"needs --call" in result.stderr
+
+
+def test_cache_file_skips_calls_in_a_second_run(tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger"
+    environment = cli_environment(CALL_LEDGER=str(ledger))
+    arguments = [
+        "run",
+        "-k",
+        "--cache",
+        "cache.db",
+        "--cache-ttl",
+        "1h",
+        "--call",
+        "tests.cli.call_tasks:count_call",
+        ":::",
+        "abc",
+        "def",
+    ]
+
+    first = run_cli(arguments, tmp_path, environment=environment)
+    second = run_cli(arguments, tmp_path, environment=environment)
+
+    assert first.returncode == 0, first.stderr.decode(errors="replace")
+    assert second.returncode == 0, second.stderr.decode(errors="replace")
+    assert first.stdout == second.stdout == b"cba\nfed\n"
+    assert ledger.read_text().split() == ["abc", "def"]
+    assert b"2 of the succeeded items took their value from the result cache" in (
+        second.stderr
+    )
+
+
+def test_cache_ttl_needs_cache(tmp_path: Path) -> None:
+    result = run_cli(
+        [
+            "run",
+            "--cache-ttl",
+            "1h",
+            "--call",
+            "tests.cli.call_tasks:backup",
+            ":::",
+            "a",
+        ],
+        tmp_path,
+    )
+
+    assert result.returncode == 2
+    assert b"--cache-ttl needs --cache" in result.stderr

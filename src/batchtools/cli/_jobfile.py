@@ -57,6 +57,8 @@ class RunTable(_Strict):
     mem_per_item: str | int | None = None
     max_memory: str | int | None = None
     max_items_per_worker: int | None = None
+    cache: str | None = None
+    cache_ttl: str | float | int | None = None
 
     @field_validator("memfree", "mem_per_item", "max_memory")
     @classmethod
@@ -82,7 +84,9 @@ class RunTable(_Strict):
             raise ValueError("must be 0 or more")
         return value
 
-    @field_validator("timeout", "deadline", "item_deadline", "breaker_reset")
+    @field_validator(
+        "timeout", "deadline", "item_deadline", "breaker_reset", "cache_ttl"
+    )
     @classmethod
     def _duration(cls, value: str | float | None) -> str | float | None:
         if value is not None:

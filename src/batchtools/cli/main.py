@@ -49,6 +49,7 @@ from batchtools.journal import (
 )
 from batchtools.observe._summary import preview, summary_lines
 from batchtools.policy.circuit_breaker import CircuitBreaker
+from batchtools.policy.cache import Cache
 from batchtools.policy.fallback import Fallback
 from batchtools.policy.memory import Memory
 from batchtools.policy.rate_limit import RateLimit
@@ -107,6 +108,8 @@ class RunOptions:
     setup: str | None = None
     teardown: str | None = None
     fallback: list[str] = field(default_factory=list)
+    cache: str | None = None
+    cache_ttl: str | None = None
 
 
 # -- the command group ------------------------------------------------------
@@ -290,6 +293,19 @@ def main() -> None:
     metavar="MODULE:FUNCTION",
     default=None,
     help="With --call, run FUNCTION with that value when each worker stops.",
+)
+@click.option(
+    "--cache",
+    metavar="PATH",
+    default=None,
+    help="With --call, keep each item's value in the cache file PATH and reuse "
+    "it in later runs instead of calling again.",
+)
+@click.option(
+    "--cache-ttl",
+    metavar="DURATION",
+    default=None,
+    help="Reuse cached values younger than this, such as 1h.  [default: forever]",
 )
 @click.option(
     "--dry-run", is_flag=True, help="Print the commands that would run; run nothing."
@@ -590,6 +606,10 @@ def _plan_run(
             None,
         ),
         setup=pick("setup", task_table.setup if task_table else None, None),
+        cache=pick("cache", run_table.cache if run_table else None, None),
+        cache_ttl=_text(
+            pick("cache_ttl", run_table.cache_ttl if run_table else None, None)
+        ),
         fallback=list(
             options["fallback"]
             or (task_table.fallback if task_table and task_table.fallback else [])
@@ -873,6 +893,10 @@ def _policies(options: RunOptions) -> list[object]:
         policies.append(CircuitBreaker.parse(options.breaker, reset_timeout=reset))
     elif options.breaker_reset is not None:
         raise ConfigurationError("--breaker-reset needs --breaker")
+    if options.cache is not None:
+        policies.append(Cache(path=options.cache, ttl=options.cache_ttl))
+    elif options.cache_ttl is not None:
+        raise ConfigurationError("--cache-ttl needs --cache PATH")
     if (
         options.memfree is not None
         or options.mem_per_item is not None

@@ -33,6 +33,7 @@ from batchtools.engine._halt import Halt
 from batchtools.engine._outcome import Outcome, Report
 from batchtools.journal import ItemRow, Journal
 from batchtools.policy._units import parse_duration
+from batchtools.policy.cache import Cache
 from batchtools.policy.circuit_breaker import Breakers, CircuitBreaker
 from batchtools.policy.memory import Memory
 from batchtools.policy.rate_limit import RateLimit, RateLimiter
@@ -186,10 +187,27 @@ def prepare(
         json.dumps(description, sort_keys=True).encode()
     ).hexdigest()[:32]
     full_spec = {**description, **(spec or {})}
+    if chosen_policies.cache is not None:
+        _check_cache(chosen, batch)
+        # Opened last, so that a bad option above leaves no file behind.
+        settings.cache = chosen_policies.cache.open(signature)
     return Job(made, settings, signature, full_spec)
 
 
-_POLICY_TYPES: tuple[type, ...] = (RateLimit, CircuitBreaker, Memory)
+def _check_cache(backend: str, batch: int) -> None:
+    if backend == "subprocess":
+        raise ConfigurationError(
+            "a result cache applies to Python tasks; a command's results are "
+            "kept in the run's journal, and 'batchtools resume' skips done items"
+        )
+    if batch > 1:
+        raise ConfigurationError(
+            f"a result cache keeps one value per item, so it cannot be used with "
+            f"batch_size={batch}; drop one of the two"
+        )
+
+
+_POLICY_TYPES: tuple[type, ...] = (RateLimit, CircuitBreaker, Memory, Cache)
 
 
 @dataclass(slots=True)
@@ -199,6 +217,7 @@ class _Policies:
     rate_limiter: RateLimiter | None = None
     breakers: Breakers | None = None
     memory: Memory | None = None
+    cache: Cache | None = None
 
     @classmethod
     def gather(cls, policies: Sequence[object]) -> _Policies:
@@ -227,6 +246,8 @@ class _Policies:
                 gathered.breakers = policy.breakers()
             elif isinstance(policy, Memory):
                 gathered.memory = policy
+            elif isinstance(policy, Cache):
+                gathered.cache = policy
         return gathered
 
 
@@ -531,7 +552,7 @@ def run(
         batch_size: Hand the task lists of up to this many items.
         halt: Stop early on failures, such as ``"now,fail=1"``.
         policies: Policy objects: a `RateLimit`, a `CircuitBreaker`, a
-            `Memory`.
+            `Memory`, a `Cache`.
         deadline: Seconds (or ``"2h"``) after which the run stops; items it
             cancels are run by a resume.
         observers: Receivers of the engine's events.

@@ -54,6 +54,7 @@ from batchtools.engine._outcome import (
     format_error,
 )
 from batchtools.journal import ItemRow, Journal
+from batchtools.policy.cache import ResultCache
 from batchtools.policy.circuit_breaker import Breakers, BreakerState
 from batchtools.policy.fallback import FallbackValue
 from batchtools.policy.memory import MemoryGate
@@ -119,6 +120,9 @@ class Settings:
             and attempts in flight are cancelled.
         memory_gate: Pauses admission while available memory is low; an
             item waits for it in its slot, like for the rate limit.
+        cache: Values of earlier calls by item key; a hit succeeds without
+            running, and items with the key of an item in flight wait for
+            it outside any slot.
         store_value: Turns a value into the JSON text kept in the journal,
             or ``None`` to keep none.
         run_id: The run's id; new runs get a random one.
@@ -136,6 +140,7 @@ class Settings:
     breakers: Breakers | None = None
     deadline: float | None = None
     memory_gate: MemoryGate | None = None
+    cache: ResultCache | None = None
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
@@ -154,6 +159,8 @@ class _Job:
     members: list[_Job] | None = None
     running_recorded: int = 0
     circuit_generation: int | None = None
+    cache_key: str | None = None
+    cache_leader: bool = False  # runs the task for items waiting on its key
 
 
 def store_json(value: Any) -> str | None:
@@ -266,6 +273,7 @@ class Engine:
         self.retrying = 0
         self._waiting_for_circuit = 0
         self._pauses_logged = 0
+        self._cache_error_logged = False
         self._resumes_logged = 0
         # Sources that must be awaited, and journal registration, are read a
         # block ahead; an in-memory source without a journal is read inline.
@@ -407,6 +415,8 @@ class Engine:
             if gate is not None:
                 report.memory_pauses = gate.pauses
                 report.paused_seconds = gate.paused_time()
+            if self.settings.cache is not None:
+                self.settings.cache.close()
             report.duration = time.perf_counter() - began
             report.interrupted = self._stopping is not None and report.halted is None
         self._drain_reorder(final=True)
@@ -662,6 +672,9 @@ class Engine:
         return Context(self.run_id, key, job.attempt, job.seq, f"{self.run_id}:{key}")
 
     async def _attempt(self, job: _Job, owner: asyncio.Task[Any] | None) -> None:
+        cache = self.settings.cache
+        if cache is not None and not job.cache_leader and not self._cache_misses(job):
+            return
         gate = self.settings.memory_gate
         if gate is not None and gate.admit() > 0 and not await self._memory_allows(job):
             return
@@ -806,6 +819,84 @@ class Engine:
                     },
                 )
 
+    def _cache_misses(self, job: _Job) -> bool:
+        """Return true if ``job`` must run; else finish it from the cache or park it.
+
+        A hit succeeds at once. On a miss the first item with the key runs
+        and the others wait, outside any slot, for its value.
+        """
+        cache = self.settings.cache
+        assert cache is not None
+        key = job.cache_key
+        try:
+            if key is None:
+                item = job.item
+                key = job.cache_key = (
+                    str(self.settings.key(item))
+                    if self.settings.key is not None
+                    else _codec.digest(_codec.encode(item))
+                )
+            hit, value = cache.lookup(key)
+        except Exception as error:
+            self._fail_for_good(job, error, time.time(), 0.0)
+            return False
+        if hit:
+            self._cache_hit(job, value)
+            return False
+        waiter = cache.claim(key)
+        if waiter is None:
+            job.cache_leader = True
+            return True
+        self._parked += 1
+        waiter.add_done_callback(lambda done: self._cache_waited(job, done))
+        return False
+
+    def _cache_waited(self, job: _Job, done: asyncio.Future[tuple[bool, Any]]) -> None:
+        """Take back an item that waited for the item in flight with its key."""
+        self._parked -= 1
+        self._wake_all()
+        if self._stopping is not None:
+            self._cancelled(job, self._stopping)
+            return
+        hit, value = done.result()
+        if hit:
+            self._cache_hit(job, value)
+            return
+        # The item in flight failed: this one runs, or waits for another.
+        self._retry_ready.append(job)
+
+    def _cache_hit(self, job: _Job, value: Any) -> None:
+        self.report.cache_hits += 1
+        outcome = Outcome(
+            job.seq, job.key, job.item, State.SUCCEEDED, value, source="cache"
+        )
+        op = None
+        if self.journal is not None:
+            store = self.settings.store_value or store_json
+            op = self.journal.update(
+                job.seq, "succeeded", value=store(value), ended=time.time()
+            )
+        self._emit(job.index, outcome, op)
+
+    def _cache_settle(self, job: _Job, value: Any = None, *, ok: bool) -> None:
+        """Store a leader's value, or end its flight after a failure."""
+        job.cache_leader = False
+        cache = self.settings.cache
+        assert cache is not None and job.cache_key is not None
+        if not ok:
+            cache.abandon(job.cache_key)
+            return
+        try:
+            cache.resolve(job.cache_key, value)
+        except Exception as error:
+            # The value is in memory and the item succeeded; only the disk
+            # copy is missing.
+            if not self._cache_error_logged:
+                self._cache_error_logged = True
+                log.warning(
+                    "run %s: writing the result cache failed: %s", self.run_id, error
+                )
+
     async def _memory_allows(self, job: _Job) -> bool:
         """Wait until there is memory to start ``job``; false if it may not."""
         gate = self.settings.memory_gate
@@ -897,6 +988,8 @@ class Engine:
                 value=store(value),
                 ended=started + duration,
             )
+        if job.cache_leader:
+            self._cache_settle(job, value, ok=True)
         self._emit(job.index, outcome, op)
 
     def _batch_succeeded(
@@ -1032,6 +1125,8 @@ class Engine:
             job.attempts = (job.attempts or []) + [
                 Attempt(job.attempt, started, duration, error)
             ]
+        if job.cache_leader:
+            self._cache_settle(job, ok=False)
         outcome = Outcome(
             job.seq,
             job.key,
@@ -1055,6 +1150,8 @@ class Engine:
         self._emit(job.index, outcome, op)
 
     def _cancelled(self, job: _Job, reason: str) -> None:
+        if job.cache_leader:
+            self._cache_settle(job, ok=False)
         for member in job.members or (job,):
             outcome = Outcome(
                 member.seq,

@@ -88,8 +88,9 @@ class Outcome:
         error: The last attempt's error, for a failed item.
         attempts: Every attempt, oldest first.
         reason: Why the item was skipped or cancelled.
-        source: ``"run"``, or ``"journal"`` for an item finished in an
-            earlier session of the same run.
+        source: ``"run"``; ``"journal"`` for an item finished in an
+            earlier session of the same run; ``"cache"`` for a value taken
+            from the result cache.
         strategy: The fallback strategy that produced the value, when the
             task is a `Fallback`.
     """
@@ -268,6 +269,7 @@ class Report:
         paused_seconds: Seconds admission spent paused for lack of memory.
         rate_limited: Attempts that had to wait for the rate limit.
         strategies: Items that succeeded per fallback strategy.
+        cache_hits: Items whose value came from the result cache.
         circuit_transitions: Every change of a circuit breaker's state.
         unnumbered: Whether keys of repeated items still need their
             occurrence numbers (a run without a journal).
@@ -292,6 +294,7 @@ class Report:
     paused_seconds: float = 0.0
     rate_limited: int = 0
     strategies: collections.Counter[str] = field(default_factory=collections.Counter)
+    cache_hits: int = 0
     circuit_transitions: list[Any] = field(default_factory=list)
     unnumbered: bool = False
 

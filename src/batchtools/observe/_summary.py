@@ -75,6 +75,11 @@ def summary_lines(
             f"{name} {count}" for name, count in report.strategies.most_common()
         )
         lines.append(f"Succeeded by fallback strategy: {used}.")
+    if report.cache_hits:
+        lines.append(
+            f"{report.cache_hits} of the succeeded items took their value from "
+            "the result cache without running."
+        )
     if report.rate_limited:
         lines.append(f"Attempts waited for the rate limit {report.rate_limited} times.")
     if report.circuit_transitions:

@@ -1,6 +1,7 @@
 """Policies: how attempts are scheduled. Pure logic, no I/O."""
 
 from batchtools.policy._units import parse_duration, parse_size
+from batchtools.policy.cache import Cache, ResultCache
 from batchtools.policy.circuit_breaker import (
     BreakerState,
     CircuitBreaker,
@@ -16,6 +17,7 @@ __all__ = [
     "NO_RETRY",
     "Backoff",
     "BreakerState",
+    "Cache",
     "CircuitBreaker",
     "Fallback",
     "FallbackValue",
@@ -25,6 +27,7 @@ __all__ = [
     "RateLimit",
     "RateLimiter",
     "ResourcePool",
+    "ResultCache",
     "Retry",
     "Transition",
     "parse_duration",
