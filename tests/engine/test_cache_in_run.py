@@ -63,15 +63,15 @@ def test_cold_key_wanted_by_32_items_runs_once() -> None:
 
 def test_disk_cache_serves_a_second_run(tmp_path: Path) -> None:
     cache = Cache(path=tmp_path / "cache.db", ttl="1h")
-    first = CountingTask()
-    second = CountingTask()
-    second.__qualname__ = first.__qualname__ = "double"
+    task = CountingTask()
 
-    report_one = batchtools.run(range(10), first, policies=[cache])
-    report_two = batchtools.run(range(10), second, policies=[cache])
+    report_one = batchtools.run(range(10), task, policies=[cache])
+    first_calls = sorted(task.calls)
+    task.calls.clear()
+    report_two = batchtools.run(range(10), task, policies=[cache])
 
-    assert sorted(first.calls) == list(range(10))
-    assert second.calls == []
+    assert first_calls == list(range(10))
+    assert task.calls == []
     assert report_one.cache_hits == 0
     assert report_two.cache_hits == 10
     assert report_two.values() == [n * 2 for n in range(10)]
@@ -80,15 +80,15 @@ def test_disk_cache_serves_a_second_run(tmp_path: Path) -> None:
 
 def test_failed_outcomes_are_not_cached(tmp_path: Path) -> None:
     cache = Cache(path=tmp_path / "cache.db")
-    first = CountingTask(failing=frozenset({3}))
-    second = CountingTask()
-    second.__qualname__ = first.__qualname__ = "double"
+    task = CountingTask(failing=frozenset({3}))
 
-    report_one = batchtools.run(range(5), first, policies=[cache])
-    report_two = batchtools.run(range(5), second, policies=[cache])
+    report_one = batchtools.run(range(5), task, policies=[cache])
+    task.calls.clear()
+    task.failing = frozenset()
+    report_two = batchtools.run(range(5), task, policies=[cache])
 
     assert report_one.counts["failed"] == 1
-    assert second.calls == [3]
+    assert task.calls == [3]
     assert report_two.ok
     assert report_two.cache_hits == 4
 
@@ -169,3 +169,15 @@ def test_a_stop_cancels_items_waiting_for_a_key() -> None:
 
     assert report.counts["cancelled"] == 3
     assert all(o.state is State.CANCELLED for o in report.outcomes)
+
+
+def test_callable_objects_keep_their_cache_across_instances(tmp_path: Path) -> None:
+    cache = Cache(path=tmp_path / "cache.db")
+    first = CountingTask()
+    second = CountingTask()
+
+    batchtools.run(range(3), first, policies=[cache])
+    report = batchtools.run(range(3), second, policies=[cache])
+
+    assert second.calls == []
+    assert report.cache_hits == 3

@@ -48,8 +48,8 @@ from batchtools.journal import (
     read_run,
 )
 from batchtools.observe._summary import preview, summary_lines
-from batchtools.policy.circuit_breaker import CircuitBreaker
 from batchtools.policy.cache import Cache
+from batchtools.policy.circuit_breaker import CircuitBreaker
 from batchtools.policy.fallback import Fallback
 from batchtools.policy.memory import Memory
 from batchtools.policy.rate_limit import RateLimit
