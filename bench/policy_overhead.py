@@ -3,10 +3,12 @@
 The same run of async no-op items, concurrency 100, without a journal, once
 without any policy and once with each policy switched on but set so that it
 never delays or fails anything: a rate limit far above the achieved rate, a
-circuit breaker that stays closed, a fallback chain of one strategy. The
-ratio is the time with the policy over the time without, so it is the
-policy's own bookkeeping per attempt. The bound of 1.25x is this project's
-own, not a target given from outside.
+circuit breaker that stays closed, a fallback chain of one strategy, a
+memory floor of one byte, an in-memory result cache that every item misses
+(so each pays a lookup and a store). The ratio is the time with the
+policy over the time without, so it is the policy's own bookkeeping per
+attempt. The bound of 1.25x is this project's own, not a target given from
+outside.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from _common import (
 from _tasks import noop_async
 
 import batchtools
-from batchtools import CircuitBreaker, Fallback, RateLimit
+from batchtools import Cache, CircuitBreaker, Fallback, Memory, RateLimit
 
 CONCURRENCY = 100
 
@@ -45,6 +47,10 @@ def runner(count: int, policy: str) -> Callable[[], None]:
             policies.append(CircuitBreaker())
         elif policy == "fallback":
             task = Fallback(noop_async)
+        elif policy == "memory floor":
+            policies.append(Memory(free=1))
+        elif policy == "result cache":
+            policies.append(Cache(max_entries=count))
         report = batchtools.run(
             range(count), task, concurrency=CONCURRENCY, policies=policies
         )
@@ -57,7 +63,14 @@ def runner(count: int, policy: str) -> Callable[[], None]:
 def measure(config: Config) -> WorkloadResult:
     """Time a run with each policy against the same run without policies."""
     count = 20_000 if config.quick else 100_000
-    names = ["no policy", "rate limit", "circuit breaker", "fallback"]
+    names = [
+        "no policy",
+        "rate limit",
+        "circuit breaker",
+        "fallback",
+        "memory floor",
+        "result cache",
+    ]
     log(f"workload 8: {count:,} async no-op items, each policy against none")
     samples = measure_interleaved(
         {name: _timer(count, name) for name in names}, config.runs
@@ -69,9 +82,9 @@ def measure(config: Config) -> WorkloadResult:
             f"`batchtools.run(range(N), noop, concurrency={CONCURRENCY}, "
             "policies=[...])` with one policy that never acts, against the same "
             "run without policies: `RateLimit(1e9, burst=1_000_000)`, "
-            "`CircuitBreaker()` on a task that never fails, and "
-            "`Fallback(noop)`. The ratio is the time with the policy over the "
-            "time without."
+            "`CircuitBreaker()` on a task that never fails, `Fallback(noop)`, "
+            "`Memory(free=1)`, and `Cache()` that every item misses. The ratio "
+            "is the time with the policy over the time without."
         ),
     )
     for name in names[1:]:
