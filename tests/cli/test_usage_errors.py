@@ -83,6 +83,7 @@ CASES: dict[str, tuple[Callable[[Path], list[Argument]], list[str] | None, str]]
         [":::", "a"],
         "needs --call",
     ),
+    "invalid jobs": (lambda _: ["-j", "many"], [":::", "a"], "'many'"),
     "cache on a command": (lambda _: ["--cache", "c.db"], [":::", "a"], "Python tasks"),
     "job file invalid size": (
         _bad_job_file('[run]\nmem_per_item = "big"\n'),

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from batchtools._exceptions import ConfigurationError
 from batchtools.policy._units import parse_duration, parse_size
+from batchtools.policy.concurrency import Concurrency
 
 
 class _Strict(BaseModel):
@@ -37,7 +38,7 @@ class _Strict(BaseModel):
 class RunTable(_Strict):
     """The ``[run]`` table: options of `batchtools run`."""
 
-    jobs: int | None = None
+    jobs: int | str | None = None
     journal: str | None = None
     retries: int | None = None
     timeout: str | float | int | None = None
@@ -70,11 +71,21 @@ class RunTable(_Strict):
                 raise ValueError(str(error)) from None
         return value
 
-    @field_validator("jobs", "max_args", "max_items_per_worker")
+    @field_validator("max_args", "max_items_per_worker")
     @classmethod
     def _at_least_one(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("jobs")
+    @classmethod
+    def _jobs(cls, value: int | str | None) -> int | str | None:
+        if value is not None:
+            try:
+                Concurrency.parse(value, name="jobs")
+            except ConfigurationError as error:
+                raise ValueError(str(error)) from None
         return value
 
     @field_validator("retries")

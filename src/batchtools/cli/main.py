@@ -50,6 +50,7 @@ from batchtools.journal import (
 from batchtools.observe._summary import preview, summary_lines
 from batchtools.policy.cache import Cache
 from batchtools.policy.circuit_breaker import CircuitBreaker
+from batchtools.policy.concurrency import Concurrency
 from batchtools.policy.fallback import Fallback
 from batchtools.policy.memory import Memory
 from batchtools.policy.rate_limit import RateLimit
@@ -89,7 +90,7 @@ class RunOptions:
     backend: str | None = None
     shell: bool = False
     input: dict[str, Any] | None = None
-    jobs: int | None = None
+    jobs: int | str | None = None
     max_args: int = 1
     retries: int = 0
     timeout: str | None = None
@@ -142,10 +143,11 @@ def main() -> None:
 @click.option(
     "-j",
     "--jobs",
-    type=int,
+    metavar="N|auto",
     default=None,
     show_envvar=True,
-    help="Attempts that run at once.  [default: the number of CPUs]",
+    help="Attempts that run at once, or 'auto' to adapt to the task's latency "
+    "and failures ('auto:MIN-MAX' bounds it).  [default: the number of CPUs]",
 )
 @click.option(
     "-n",
@@ -369,11 +371,13 @@ def run_command(
 
 @main.command("resume")
 @click.argument("journal", required=False, metavar="[JOURNAL]")
-@click.option("-j", "--jobs", type=int, default=None, help="Attempts that run at once.")
+@click.option(
+    "-j", "--jobs", metavar="N|auto", default=None, help="Attempts that run at once."
+)
 @click.option("-v", "--verbose", count=True, help="Log retries and full tracebacks.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line and no summary.")
 def resume_command(
-    journal: str | None, jobs: int | None, verbose: int, quiet: bool
+    journal: str | None, jobs: str | None, verbose: int, quiet: bool
 ) -> None:
     """Finish an interrupted or killed run.
 
@@ -391,11 +395,13 @@ def resume_command(
 
 @main.command("retry")
 @click.argument("journal", required=False, metavar="[JOURNAL]")
-@click.option("-j", "--jobs", type=int, default=None, help="Attempts that run at once.")
+@click.option(
+    "-j", "--jobs", metavar="N|auto", default=None, help="Attempts that run at once."
+)
 @click.option("-v", "--verbose", count=True, help="Log retries and full tracebacks.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line and no summary.")
 def retry_command(
-    journal: str | None, jobs: int | None, verbose: int, quiet: bool
+    journal: str | None, jobs: str | None, verbose: int, quiet: bool
 ) -> None:
     """Run the failed items of a run again, with their original arguments.
 
@@ -656,8 +662,7 @@ def _job_file_input(job_file: Any) -> InputSpec | None:
 
 def _checked_plan(options: RunOptions, input_spec: InputSpec) -> Plan:
     input_spec.check()
-    if options.jobs is not None and options.jobs < 1:
-        raise ConfigurationError(f"--jobs {options.jobs} must be at least 1")
+    options.jobs = _checked_jobs(options.jobs)
     if options.fallback and options.call is None:
         raise ConfigurationError(
             f"--fallback {options.fallback[0]!r} needs --call: a fallback chain "
@@ -772,7 +777,21 @@ def _as_text(item: Any) -> Any:
     return item
 
 
-def _plan_from_journal(path: Path, jobs: int | None) -> Plan:
+def _checked_jobs(value: int | str | None) -> int | str | None:
+    """Check a --jobs value: a whole number, 'auto' or 'auto:MIN-MAX'.
+
+    Returns:
+        The value, as an int when it is a number.
+    """
+    if value is None:
+        return None
+    policy = Concurrency.parse(value, name="--jobs")
+    if policy.is_adaptive or str(value).strip().lower().startswith("auto"):
+        return str(value).strip().lower()
+    return policy.max
+
+
+def _plan_from_journal(path: Path, jobs: str | None) -> Plan:
     try:
         run = read_run(path)
     except JournalError as error:
@@ -1060,7 +1079,7 @@ def _dry_run(plan: Plan) -> None:
                 argv = task.render(
                     batch,
                     seq=seq,
-                    slot=seq % max(plan.options.jobs or 1, 1) + 1,
+                    slot=seq % _slots(plan.options.jobs) + 1,
                     batch=size > 1,
                 )
             except ConfigurationError as error:
@@ -1075,6 +1094,13 @@ def _dry_run(plan: Plan) -> None:
     out.flush()
     if failed:
         sys.exit(EXIT_FAILED)
+
+
+def _slots(jobs: int | str | None) -> int:
+    """Return the job slots that {%} counts for ``jobs``; 'auto' has its maximum."""
+    if jobs is None:
+        return 1
+    return Concurrency.parse(jobs, name="--jobs").max
 
 
 def _quote(arg: bytes) -> bytes:

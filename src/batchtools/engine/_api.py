@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ from batchtools.journal import ItemRow, Journal
 from batchtools.policy._units import parse_duration
 from batchtools.policy.cache import Cache
 from batchtools.policy.circuit_breaker import Breakers, CircuitBreaker
+from batchtools.policy.concurrency import Concurrency
 from batchtools.policy.memory import Memory
 from batchtools.policy.rate_limit import RateLimit, RateLimiter
 from batchtools.policy.retry import Retry
@@ -93,7 +95,7 @@ class Job:
 def prepare(
     task: Any,
     *,
-    concurrency: int | None = None,
+    concurrency: int | str | Concurrency | None = None,
     retry: Retry | int | None = None,
     timeout: float | str | None = None,
     backend: str | None = None,
@@ -117,7 +119,8 @@ def prepare(
     """
     batch = _positive("batch_size", batch_size, default=1)
     name, chosen = _choose_backend(task, backend)
-    width = _positive("concurrency", concurrency, default=default_concurrency(chosen))
+    limit = _concurrency(concurrency, chosen)
+    width = limit.max
     chosen_policies = _Policies.gather(policies)
     memory = chosen_policies.memory
     _check_worker_options(chosen, memory, setup, teardown)
@@ -132,7 +135,10 @@ def prepare(
                 memory.per_item,
                 memory.available(),
             )
-        width = capped
+            width = capped
+            limit = dataclasses.replace(
+                limit, min=min(limit.min, capped), max=capped, initial=None
+            )
     settings = Settings(
         retry=Retry.coerce(retry),
         timeout=None if timeout is None else parse_duration(timeout, name="timeout"),
@@ -144,6 +150,7 @@ def prepare(
         rate_limiter=chosen_policies.rate_limiter,
         breakers=chosen_policies.breakers,
         memory_gate=memory.gate() if memory is not None else None,
+        concurrency_limiter=limit.limiter() if limit.is_adaptive else None,
         ordered=ordered,
         collect=collect,
         key=key,
@@ -165,6 +172,7 @@ def prepare(
         and settings.rate_limiter is None
         and settings.breakers is None
         and settings.memory_gate is None
+        and settings.concurrency_limiter is None
     )
     made = _make_backend(
         task,
@@ -278,6 +286,21 @@ def _check_worker_options(
                 f"run uses the {backend} backend; choose the process backend "
                 "(--backend process) or drop the option"
             )
+
+
+def _concurrency(value: int | str | Concurrency | None, backend: str) -> Concurrency:
+    """Return the concurrency policy that ``value`` asks for on ``backend``.
+
+    ``"auto"`` adapts between 1 and four times the backend's default.
+    """
+    default = default_concurrency(backend)
+    if value is None:
+        return Concurrency.fixed(default)
+    if isinstance(value, Concurrency):
+        return value
+    if isinstance(value, str):
+        return Concurrency.parse(value, name="concurrency", auto_max=4 * default)
+    return Concurrency.fixed(_positive("concurrency", value, default=default))
 
 
 def _positive(name: str, value: int | None, *, default: int) -> int:
@@ -463,7 +486,7 @@ async def arun(
     items: Iterable[Any] | AsyncIterable[Any],
     task: Any,
     *,
-    concurrency: int | None = None,
+    concurrency: int | str | Concurrency | None = None,
     retry: Retry | int | None = None,
     timeout: float | str | None = None,
     journal: str | os.PathLike[str] | None = None,
@@ -512,7 +535,7 @@ def run(
     items: Iterable[Any] | AsyncIterable[Any],
     task: Any,
     *,
-    concurrency: int | None = None,
+    concurrency: int | str | Concurrency | None = None,
     retry: Retry | int | None = None,
     timeout: float | str | None = None,
     journal: str | os.PathLike[str] | None = None,
@@ -542,7 +565,9 @@ def run(
             with ``batch_size``), optionally with a ``context`` keyword; or
             a command template such as ``"gzip -k {}"`` or ``["gzip", "{}"]``.
         concurrency: Attempts executing at once; the default depends on the
-            backend (see `default_concurrency`).
+            backend (see `default_concurrency`). ``"auto"`` or
+            `Concurrency.adaptive` adapts it to the task's latency and
+            errors.
         retry: Retries after the first attempt, or a `Retry` policy.
         timeout: Seconds (or ``"30s"``) one attempt may take.
         journal: Path of a journal file; an existing one is resumed.
@@ -718,7 +743,7 @@ def astream(
     task: Any,
     *,
     ordered: bool = False,
-    concurrency: int | None = None,
+    concurrency: int | str | Concurrency | None = None,
     retry: Retry | int | None = None,
     timeout: float | str | None = None,
     journal: str | os.PathLike[str] | None = None,
@@ -840,7 +865,7 @@ def stream(
     task: Any,
     *,
     ordered: bool = False,
-    concurrency: int | None = None,
+    concurrency: int | str | Concurrency | None = None,
     retry: Retry | int | None = None,
     timeout: float | str | None = None,
     journal: str | os.PathLike[str] | None = None,

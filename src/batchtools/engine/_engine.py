@@ -56,6 +56,7 @@ from batchtools.engine._outcome import (
 from batchtools.journal import ItemRow, Journal
 from batchtools.policy.cache import ResultCache
 from batchtools.policy.circuit_breaker import Breakers, BreakerState
+from batchtools.policy.concurrency import ConcurrencyLimiter
 from batchtools.policy.fallback import FallbackValue
 from batchtools.policy.memory import MemoryGate
 from batchtools.policy.rate_limit import RateLimiter
@@ -120,6 +121,8 @@ class Settings:
             and attempts in flight are cancelled.
         memory_gate: Pauses admission while available memory is low; an
             item waits for it in its slot, like for the rate limit.
+        concurrency_limiter: An adaptive limit below the backend's
+            concurrency; an item waits for a slot of it before it starts.
         cache: Values of earlier calls by item key; a hit succeeds without
             running, and items with the key of an item in flight wait for
             it outside any slot.
@@ -140,6 +143,7 @@ class Settings:
     breakers: Breakers | None = None
     deadline: float | None = None
     memory_gate: MemoryGate | None = None
+    concurrency_limiter: ConcurrencyLimiter | None = None
     cache: ResultCache | None = None
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
@@ -417,6 +421,12 @@ class Engine:
                 report.paused_seconds = gate.paused_time()
             if self.settings.cache is not None:
                 self.settings.cache.close()
+            limiter = self.settings.concurrency_limiter
+            if limiter is not None:
+                start = limiter.history[0][0]
+                report.concurrency_limits = [
+                    (moment - start, limit) for moment, limit in limiter.history
+                ]
             report.duration = time.perf_counter() - began
             report.interrupted = self._stopping is not None and report.halted is None
         self._drain_reorder(final=True)
@@ -681,13 +691,31 @@ class Engine:
         breakers = self.settings.breakers
         if breakers is not None and not self._circuit_allows(job, breakers):
             return
+        limiter = self.settings.concurrency_limiter
+        if (
+            limiter is not None
+            and not limiter.try_acquire()
+            and not await self._slot_taken(job, limiter)
+        ):
+            return
         if self.settings.rate_limiter is not None:
             if not await self._rate_allows(job):
+                if limiter is not None:
+                    limiter.release(None)
                 return
-            # The circuit may have opened while this item waited its turn.
-            if breakers is not None and not self._circuit_allows(job, breakers):
+            # The circuit may have changed while this item waited its turn.
+            if (
+                breakers is not None
+                and self._circuit_changed(job, breakers)
+                and not self._circuit_allows(job, breakers)
+            ):
+                if limiter is not None:
+                    limiter.release(None)
                 return
         job.attempt += 1
+        # The adaptive limit measures latency on its own clock (a fake one in
+        # tests), so that its rounds and its dates of starts agree.
+        slot_began = limiter.policy.clock() if limiter is not None else 0.0
         started = time.time()
         if job.first_started is None:
             job.first_started = started
@@ -704,28 +732,38 @@ class Engine:
                 value = await self.backend.execute(call)
         except asyncio.CancelledError as error:
             del self._active[call]
+            duration = time.perf_counter() - began
             if call.cancel_error is not None and self._direct is not None:
                 # A timeout or cancel of a coroutine called directly: the
                 # backend cancelled this worker task to interrupt it.
                 if owner is not None:
                     owner.uncancel()
-                self._failed(
-                    job, call.cancel_error, started, time.perf_counter() - began
-                )
+                if limiter is not None:
+                    _release_slot(limiter, slot_began, call.cancel_error)
+                self._failed(job, call.cancel_error, started, duration)
                 return
             current = asyncio.current_task()
             if current is None or current.cancelling():
+                if limiter is not None:
+                    limiter.release(None)
                 raise
             # The worker was not cancelled, so the task itself raised
             # CancelledError. That fails the attempt, which is never retried.
-            self._failed(job, error, started, time.perf_counter() - began)
+            if limiter is not None:
+                _release_slot(limiter, slot_began, error)
+            self._failed(job, error, started, duration)
             return
         except BaseException as error:
             del self._active[call]
-            self._failed(job, error, started, time.perf_counter() - began)
+            duration = time.perf_counter() - began
+            if limiter is not None:
+                _release_slot(limiter, slot_began, error)
+            self._failed(job, error, started, duration)
             return
         del self._active[call]
         duration = time.perf_counter() - began
+        if limiter is not None:
+            limiter.release(max(0.0, limiter.policy.clock() - slot_began))
         if breakers is not None:
             single = breakers.single
             if (
@@ -783,6 +821,24 @@ class Engine:
         self._parked += 1
         self._waiting_for_circuit += 1
         asyncio.get_running_loop().call_later(delay, self._unpark, job, False)
+        return False
+
+    def _circuit_changed(self, job: _Job, breakers: Breakers) -> bool:
+        """Whether the circuit of ``job`` changed state since it admitted the job."""
+        circuit = breakers.circuit(breakers.key_of(_first_item(job)))
+        return circuit.generation != job.circuit_generation
+
+    async def _slot_taken(self, job: _Job, limiter: ConcurrencyLimiter) -> bool:
+        """Wait for a slot of the adaptive limit; false if the run stopped first."""
+        assert self._stopped is not None
+        waiter = asyncio.ensure_future(limiter.acquire())
+        await asyncio.wait([waiter, self._stopped], return_when=asyncio.FIRST_COMPLETED)
+        if self._stopping is None and waiter.done():
+            return True
+        # Cancelling gives back a slot that was granted meanwhile.
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        self._cancelled(job, self._stopping or "stopped")
         return False
 
     def _record_circuit(self, job: _Job, error: BaseException | None) -> None:
@@ -1292,6 +1348,16 @@ class Engine:
             await self._sweeper_wake
             if handle is not None:
                 handle.cancel()
+
+
+def _release_slot(
+    limiter: ConcurrencyLimiter, began: float, error: BaseException
+) -> None:
+    """Free the adaptive slot of a failed attempt; an interrupt measures nothing."""
+    if isinstance(error, Interrupted):
+        limiter.release(None)
+    else:
+        limiter.release(max(0.0, limiter.policy.clock() - began), failed=True)
 
 
 def _set_result(future: asyncio.Future[Any], value: Any = None) -> None:

@@ -270,6 +270,8 @@ class Report:
         rate_limited: Attempts that had to wait for the rate limit.
         strategies: Items that succeeded per fallback strategy.
         cache_hits: Items whose value came from the result cache.
+        concurrency_limits: For an adaptive concurrency, ``(seconds since
+            the start, limit)`` at the start and at each change.
         circuit_transitions: Every change of a circuit breaker's state.
         unnumbered: Whether keys of repeated items still need their
             occurrence numbers (a run without a journal).
@@ -295,6 +297,7 @@ class Report:
     rate_limited: int = 0
     strategies: collections.Counter[str] = field(default_factory=collections.Counter)
     cache_hits: int = 0
+    concurrency_limits: list[tuple[float, int]] = field(default_factory=list)
     circuit_transitions: list[Any] = field(default_factory=list)
     unnumbered: bool = False
 

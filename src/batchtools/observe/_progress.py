@@ -103,6 +103,9 @@ class Progress:
         parts.append(f"{rate:,.1f}/s")
         if self.total and rate > 0 and self.done < self.total:
             parts.append(f"ETA {format_duration((self.total - self.done) / rate)}")
+        limiter = engine.settings.concurrency_limiter if engine is not None else None
+        if limiter is not None:
+            parts.append(f"limit {limiter.limit}")
         gate = engine.settings.memory_gate if engine is not None else None
         if gate is not None and gate.paused:
             parts.append(gate.reason())

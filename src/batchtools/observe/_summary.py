@@ -75,6 +75,12 @@ def summary_lines(
             f"{name} {count}" for name, count in report.strategies.most_common()
         )
         lines.append(f"Succeeded by fallback strategy: {used}.")
+    if len(report.concurrency_limits) > 1:
+        limits = [limit for _, limit in report.concurrency_limits]
+        lines.append(
+            f"Concurrency adapted {len(limits) - 1} times between {min(limits)} "
+            f"and {max(limits)}, and ended at {limits[-1]}."
+        )
     if report.cache_hits:
         lines.append(
             f"{report.cache_hits} of the succeeded items took their value from "

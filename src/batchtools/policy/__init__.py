@@ -7,6 +7,11 @@ from batchtools.policy.circuit_breaker import (
     CircuitBreaker,
     Transition,
 )
+from batchtools.policy.concurrency import (
+    Concurrency,
+    ConcurrencyLimiter,
+    ConcurrencyStatistics,
+)
 from batchtools.policy.fallback import Fallback, FallbackValue
 from batchtools.policy.memory import Memory, MemoryGate
 from batchtools.policy.pool import PoolStatistics, ResourcePool
@@ -19,6 +24,9 @@ __all__ = [
     "BreakerState",
     "Cache",
     "CircuitBreaker",
+    "Concurrency",
+    "ConcurrencyLimiter",
+    "ConcurrencyStatistics",
     "Fallback",
     "FallbackValue",
     "Memory",
