@@ -5,10 +5,11 @@ without any policy and once with each policy switched on but set so that it
 never delays or fails anything: a rate limit far above the achieved rate, a
 circuit breaker that stays closed, a fallback chain of one strategy, a
 memory floor of one byte, an in-memory result cache that every item misses
-(so each pays a lookup and a store). The ratio is the time with the
-policy over the time without, so it is the policy's own bookkeeping per
-attempt. The bound of 1.25x is this project's own, not a target given from
-outside.
+(so each pays a lookup and a store), an adaptive concurrency limit that
+starts at the fixed run's 100 and may only move between 50 and 100. The
+ratio is the time with the policy over the time without, so it is the
+policy's own bookkeeping per attempt. The bound of 1.25x is this project's
+own, not a target given from outside.
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ from _common import (
 from _tasks import noop_async
 
 import batchtools
-from batchtools import Cache, CircuitBreaker, Fallback, Memory, RateLimit
+from batchtools import (
+    Cache,
+    CircuitBreaker,
+    Concurrency,
+    Fallback,
+    Memory,
+    RateLimit,
+)
 
 CONCURRENCY = 100
 
@@ -51,8 +59,13 @@ def runner(count: int, policy: str) -> Callable[[], None]:
             policies.append(Memory(free=1))
         elif policy == "result cache":
             policies.append(Cache(max_entries=count))
+        concurrency: int | Concurrency = CONCURRENCY
+        if policy == "adaptive limit":
+            concurrency = Concurrency(
+                min=CONCURRENCY // 2, max=CONCURRENCY, initial=CONCURRENCY
+            )
         report = batchtools.run(
-            range(count), task, concurrency=CONCURRENCY, policies=policies
+            range(count), task, concurrency=concurrency, policies=policies
         )
         if not report.ok or report.total != count:
             raise RuntimeError(f"the run did not finish every item: {report!r}")
@@ -70,6 +83,7 @@ def measure(config: Config) -> WorkloadResult:
         "fallback",
         "memory floor",
         "result cache",
+        "adaptive limit",
     ]
     log(f"workload 8: {count:,} async no-op items, each policy against none")
     samples = measure_interleaved(
@@ -83,7 +97,8 @@ def measure(config: Config) -> WorkloadResult:
             "policies=[...])` with one policy that never acts, against the same "
             "run without policies: `RateLimit(1e9, burst=1_000_000)`, "
             "`CircuitBreaker()` on a task that never fails, `Fallback(noop)`, "
-            "`Memory(free=1)`, and `Cache()` that every item misses. The ratio "
+            "`Memory(free=1)`, `Cache()` that every item misses, and "
+            "`concurrency=Concurrency(min=50, max=100, initial=100)`. The ratio "
             "is the time with the policy over the time without."
         ),
     )

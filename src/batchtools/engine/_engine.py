@@ -277,6 +277,9 @@ class Engine:
         self.retrying = 0
         self._waiting_for_circuit = 0
         self._pauses_logged = 0
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = (
+            collections.deque()
+        )
         self._cache_error_logged = False
         self._resumes_logged = 0
         # Sources that must be awaited, and journal registration, are read a
@@ -544,6 +547,9 @@ class Engine:
     def _wake_all(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
+        if self._stopping is not None:
+            while self._slot_waiters:
+                _set_result(self._slot_waiters.popleft())
 
     def _fill_now(self) -> bool:
         """Read the next block at once, where no await is needed."""
@@ -702,6 +708,7 @@ class Engine:
             if not await self._rate_allows(job):
                 if limiter is not None:
                     limiter.release(None)
+                    self._free_slots(limiter)
                 return
             # The circuit may have changed while this item waited its turn.
             if (
@@ -711,6 +718,7 @@ class Engine:
             ):
                 if limiter is not None:
                     limiter.release(None)
+                    self._free_slots(limiter)
                 return
         job.attempt += 1
         # The adaptive limit measures latency on its own clock (a fake one in
@@ -739,31 +747,33 @@ class Engine:
                 if owner is not None:
                     owner.uncancel()
                 if limiter is not None:
-                    _release_slot(limiter, slot_began, call.cancel_error)
+                    self._release_slot(limiter, slot_began, call.cancel_error)
                 self._failed(job, call.cancel_error, started, duration)
                 return
             current = asyncio.current_task()
             if current is None or current.cancelling():
                 if limiter is not None:
                     limiter.release(None)
+                    self._free_slots(limiter)
                 raise
             # The worker was not cancelled, so the task itself raised
             # CancelledError. That fails the attempt, which is never retried.
             if limiter is not None:
-                _release_slot(limiter, slot_began, error)
+                self._release_slot(limiter, slot_began, error)
             self._failed(job, error, started, duration)
             return
         except BaseException as error:
             del self._active[call]
             duration = time.perf_counter() - began
             if limiter is not None:
-                _release_slot(limiter, slot_began, error)
+                self._release_slot(limiter, slot_began, error)
             self._failed(job, error, started, duration)
             return
         del self._active[call]
         duration = time.perf_counter() - began
         if limiter is not None:
             limiter.release(max(0.0, limiter.policy.clock() - slot_began))
+            self._free_slots(limiter)
         if breakers is not None:
             single = breakers.single
             if (
@@ -829,17 +839,45 @@ class Engine:
         return circuit.generation != job.circuit_generation
 
     async def _slot_taken(self, job: _Job, limiter: ConcurrencyLimiter) -> bool:
-        """Wait for a slot of the adaptive limit; false if the run stopped first."""
-        assert self._stopped is not None
-        waiter = asyncio.ensure_future(limiter.acquire())
-        await asyncio.wait([waiter, self._stopped], return_when=asyncio.FIRST_COMPLETED)
-        if self._stopping is None and waiter.done():
-            return True
-        # Cancelling gives back a slot that was granted meanwhile.
-        waiter.cancel()
-        await asyncio.gather(waiter, return_exceptions=True)
-        self._cancelled(job, self._stopping or "stopped")
-        return False
+        """Wait for a slot of the adaptive limit; false if the run stopped first.
+
+        Waiters are woken in order as slots free up (`_free_slots`), and all
+        of them by a stop.
+        """
+        loop = asyncio.get_running_loop()
+        first = True
+        while True:
+            if self._stopping is not None:
+                self._cancelled(job, self._stopping)
+                return False
+            if limiter.try_acquire():
+                return True
+            waiter = loop.create_future()
+            # A waiter that lost its slot to a newcomer keeps its place.
+            if first:
+                self._slot_waiters.append(waiter)
+            else:
+                self._slot_waiters.appendleft(waiter)
+            first = False
+            await waiter
+
+    def _release_slot(
+        self, limiter: ConcurrencyLimiter, began: float, error: BaseException
+    ) -> None:
+        """Free the slot of a failed attempt; an interrupt measures nothing."""
+        if isinstance(error, Interrupted):
+            limiter.release(None)
+        else:
+            limiter.release(max(0.0, limiter.policy.clock() - began), failed=True)
+        self._free_slots(limiter)
+
+    def _free_slots(self, limiter: ConcurrencyLimiter) -> None:
+        """Wake as many waiters as the adaptive limit has free slots."""
+        waiters = self._slot_waiters
+        free = limiter.limit - limiter.in_flight
+        while free > 0 and waiters:
+            _set_result(waiters.popleft())
+            free -= 1
 
     def _record_circuit(self, job: _Job, error: BaseException | None) -> None:
         breakers = self.settings.breakers
@@ -1348,16 +1386,6 @@ class Engine:
             await self._sweeper_wake
             if handle is not None:
                 handle.cancel()
-
-
-def _release_slot(
-    limiter: ConcurrencyLimiter, began: float, error: BaseException
-) -> None:
-    """Free the adaptive slot of a failed attempt; an interrupt measures nothing."""
-    if isinstance(error, Interrupted):
-        limiter.release(None)
-    else:
-        limiter.release(max(0.0, limiter.policy.clock() - began), failed=True)
 
 
 def _set_result(future: asyncio.Future[Any], value: Any = None) -> None:
