@@ -167,3 +167,42 @@ def test_per_item_memory_caps_concurrency() -> None:
     )
 
     assert job.backend.concurrency == 3
+
+
+def test_decorator_waits_for_memory_before_each_call() -> None:
+    readings: list[int] = []
+    calls: list[int] = []
+
+    def available() -> int:
+        # Short for the first two readings, then plenty.
+        readings.append(len(calls))
+        return 10 * MiB if len(readings) <= 2 else 8192 * MiB
+
+    @Memory(free="1G", available=available, check_every=0.001)
+    def work(item: int) -> int:
+        calls.append(item)
+        return item
+
+    assert work(5) == 5
+    assert readings[:2] == [0, 0]
+    assert calls == [5]
+
+
+def test_async_decorator_waits_too() -> None:
+    readings: list[int] = []
+
+    def available() -> int:
+        readings.append(1)
+        return 0 if len(readings) == 1 else 8192 * MiB
+
+    @Memory(free="1G", available=available, check_every=0.001)
+    async def work(item: int) -> int:
+        return item * 2
+
+    assert asyncio.run(work(4)) == 8
+    assert len(readings) == 2
+
+
+def test_decorator_needs_a_free_size() -> None:
+    with pytest.raises(ConfigurationError, match="needs free=SIZE"):
+        Memory(per_item="1M")(print)

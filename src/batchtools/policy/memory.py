@@ -21,12 +21,20 @@ system call per item. The reading function and the clock are injectable.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
 
 from batchtools._exceptions import ConfigurationError
 from batchtools.policy._units import parse_size
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def available_memory() -> int:
@@ -95,6 +103,46 @@ class Memory:
             return concurrency
         assert isinstance(self.per_item, int)
         return max(1, min(concurrency, self.available() // self.per_item))
+
+    def __call__(self, function: Callable[P, R]) -> Callable[P, R]:
+        """Make calls of ``function`` (sync or async) wait while memory is short.
+
+        Only ``free`` applies here: a call starts once the available memory
+        is at least ``free``. A sync call waits by sleeping in its thread, an
+        async call on the event loop.
+
+        Raises:
+            ConfigurationError: ``free`` is not set.
+        """
+        gate = self.gate()
+        if gate is None:
+            raise ConfigurationError(
+                "a Memory decorator needs free=SIZE: it makes calls wait while "
+                "less memory than that is available"
+            )
+        lock = threading.Lock()
+
+        def delay() -> float:
+            with lock:
+                return gate.admit()
+
+        if inspect.iscoroutinefunction(function):
+
+            @functools.wraps(function)
+            async def waiting_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+                while (seconds := delay()) > 0:
+                    await asyncio.sleep(seconds)
+                return await function(*args, **kwargs)
+
+            return waiting_async  # type: ignore[return-value]
+
+        @functools.wraps(function)
+        def waiting(*args: P.args, **kwargs: P.kwargs) -> R:
+            while (seconds := delay()) > 0:
+                time.sleep(seconds)
+            return function(*args, **kwargs)
+
+        return waiting
 
     def gate(self) -> MemoryGate | None:
         """Return the admission gate for one run, or ``None`` without ``free``."""
