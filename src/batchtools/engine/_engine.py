@@ -123,6 +123,10 @@ class Settings:
             item waits for it in its slot, like for the rate limit.
         concurrency_limiter: An adaptive limit below the backend's
             concurrency; an item waits for a slot of it before it starts.
+        read_ahead: How many admitted items may wait for a worker; ``None``
+            lets the engine choose (at least one block). Zero reads the next
+            item only when a worker is free, so that a source which orders
+            its items late (a priority queue) decides what runs next.
         cache: Values of earlier calls by item key; a hit succeeds without
             running, and items with the key of an item in flight wait for
             it outside any slot.
@@ -145,6 +149,7 @@ class Settings:
     memory_gate: MemoryGate | None = None
     concurrency_limiter: ConcurrencyLimiter | None = None
     cache: ResultCache | None = None
+    read_ahead: int | None = None
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
@@ -291,7 +296,11 @@ class Engine:
         # saves a frame per attempt. The async backend's cancel still works
         # because it cancels this worker task.
         self._direct = backend.direct_function()
-        self._low_water = max(backend.capacity, _block_size(settings.batch_size) // 2)
+        self._low_water = (
+            max(backend.capacity, _block_size(settings.batch_size) // 2)
+            if settings.read_ahead is None
+            else settings.read_ahead
+        )
 
     # -- public control --------------------------------------------------
 
@@ -585,7 +594,9 @@ class Engine:
     async def _fill(self, refill: asyncio.Future[None]) -> None:
         try:
             size = _block_size(self.settings.batch_size)
-            if self.journal is not None and not self.journal.fresh:
+            if self.settings.read_ahead is not None:
+                size = max(1, self.settings.read_ahead, self.settings.batch_size)
+            elif self.journal is not None and not self.journal.fresh:
                 # Each block of a resumed run costs a round trip to the
                 # journal's thread; larger blocks make fewer of them.
                 size *= 8
