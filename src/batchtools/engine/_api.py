@@ -100,6 +100,7 @@ def prepare(
     timeout: float | str | None = None,
     backend: str | None = None,
     key: Callable[[Any], str] | None = None,
+    lock_key: Callable[[Any], Any] | None = None,
     batch_size: int | None = None,
     halt: Halt | str | None = None,
     policies: Sequence[object] = (),
@@ -121,6 +122,10 @@ def prepare(
     name, chosen = _choose_backend(task, backend)
     limit = _concurrency(concurrency, chosen)
     width = limit.max
+    if lock_key is not None and not callable(lock_key):
+        raise ConfigurationError(
+            f"lock_key={lock_key!r} must be a function from item to lock key"
+        )
     chosen_policies = _Policies.gather(policies)
     memory = chosen_policies.memory
     _check_worker_options(chosen, memory, setup, teardown)
@@ -154,6 +159,7 @@ def prepare(
         ordered=ordered,
         collect=collect,
         key=key,
+        lock_key=lock_key,
     )
     if width > MAX_CONCURRENCY:
         raise ConfigurationError(
@@ -492,6 +498,7 @@ async def arun(
     journal: str | os.PathLike[str] | None = None,
     backend: str | None = None,
     key: Callable[[Any], str] | None = None,
+    lock_key: Callable[[Any], Any] | None = None,
     batch_size: int | None = None,
     halt: Halt | str | None = None,
     policies: Sequence[object] = (),
@@ -512,6 +519,7 @@ async def arun(
         timeout=timeout,
         backend=backend,
         key=key,
+        lock_key=lock_key,
         batch_size=batch_size,
         halt=halt,
         policies=policies,
@@ -541,6 +549,7 @@ def run(
     journal: str | os.PathLike[str] | None = None,
     backend: str | None = None,
     key: Callable[[Any], str] | None = None,
+    lock_key: Callable[[Any], Any] | None = None,
     batch_size: int | None = None,
     halt: Halt | str | None = None,
     policies: Sequence[object] = (),
@@ -574,6 +583,9 @@ def run(
         backend: ``async``, ``thread``, ``process`` or ``subprocess``;
             chosen from the task by default.
         key: A function giving each item's key, instead of a content hash.
+        lock_key: A function from item to a lock key; items with equal lock
+            keys never run at once (two files of one folder, say), while
+            the others run in parallel.
         batch_size: Hand the task lists of up to this many items.
         halt: Stop early on failures, such as ``"now,fail=1"``.
         policies: Policy objects: a `RateLimit`, a `CircuitBreaker`, a
@@ -606,6 +618,7 @@ def run(
         "journal": journal,
         "backend": backend,
         "key": key,
+        "lock_key": lock_key,
         "batch_size": batch_size,
         "halt": halt,
         "policies": policies,
@@ -749,6 +762,7 @@ def astream(
     journal: str | os.PathLike[str] | None = None,
     backend: str | None = None,
     key: Callable[[Any], str] | None = None,
+    lock_key: Callable[[Any], Any] | None = None,
     batch_size: int | None = None,
     halt: Halt | str | None = None,
     policies: Sequence[object] = (),
@@ -773,6 +787,7 @@ def astream(
         timeout=timeout,
         backend=backend,
         key=key,
+        lock_key=lock_key,
         batch_size=batch_size,
         halt=halt,
         policies=policies,
@@ -871,6 +886,7 @@ def stream(
     journal: str | os.PathLike[str] | None = None,
     backend: str | None = None,
     key: Callable[[Any], str] | None = None,
+    lock_key: Callable[[Any], Any] | None = None,
     batch_size: int | None = None,
     halt: Halt | str | None = None,
     policies: Sequence[object] = (),
@@ -903,6 +919,7 @@ def stream(
             journal=journal,
             backend=backend,
             key=key,
+            lock_key=lock_key,
             batch_size=batch_size,
             halt=halt,
             policies=policies,

@@ -123,6 +123,8 @@ class Settings:
             item waits for it in its slot, like for the rate limit.
         concurrency_limiter: An adaptive limit below the backend's
             concurrency; an item waits for a slot of it before it starts.
+        lock_key: A function from item to a key; items with equal keys never
+            run at once, and the others wait outside any slot.
         read_ahead: How many admitted items may wait for a worker; ``None``
             lets the engine choose (at least one block). Zero reads the next
             item only when a worker is free, so that a source which orders
@@ -150,6 +152,7 @@ class Settings:
     concurrency_limiter: ConcurrencyLimiter | None = None
     cache: ResultCache | None = None
     read_ahead: int | None = None
+    lock_key: Callable[[Any], Any] | None = None
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
@@ -170,6 +173,8 @@ class _Job:
     circuit_generation: int | None = None
     cache_key: str | None = None
     cache_leader: bool = False  # runs the task for items waiting on its key
+    lock: Any = None  # the lock key, with Settings.lock_key
+    holds_key: bool = False
 
 
 def store_json(value: Any) -> str | None:
@@ -282,6 +287,7 @@ class Engine:
         self.retrying = 0
         self._waiting_for_circuit = 0
         self._pauses_logged = 0
+        self._key_waiters: dict[Any, collections.deque[_Job]] = {}
         self._slot_waiters: collections.deque[asyncio.Future[None]] = (
             collections.deque()
         )
@@ -699,6 +705,62 @@ class Engine:
         return Context(self.run_id, key, job.attempt, job.seq, f"{self.run_id}:{key}")
 
     async def _attempt(self, job: _Job, owner: asyncio.Task[Any] | None) -> None:
+        if self.settings.lock_key is None:
+            await self._attempt_unlocked(job, owner)
+            return
+        if not self._take_key(job):
+            return
+        try:
+            await self._attempt_unlocked(job, owner)
+        finally:
+            self._release_key(job)
+
+    def _take_key(self, job: _Job) -> bool:
+        """Hold the lock key of ``job``, or park it until the holder is done."""
+        if self._stopping is not None:
+            self._cancelled(job, self._stopping)
+            self._release_key(job)
+            return False
+        if job.holds_key:
+            return True  # handed over by the previous holder
+        lock_key = self.settings.lock_key
+        assert lock_key is not None
+        try:
+            key = job.lock = lock_key(_first_item(job))
+            waiting = self._key_waiters.get(key)
+        except Exception as error:
+            self._fail_for_good(job, error, time.time(), 0.0)
+            return False
+        if waiting is None:
+            self._key_waiters[key] = collections.deque()
+            job.holds_key = True
+            return True
+        waiting.append(job)
+        self._parked += 1
+        return False
+
+    def _release_key(self, job: _Job) -> None:
+        """Hand the lock key of ``job`` to the next item waiting for it."""
+        if not job.holds_key:
+            return
+        job.holds_key = False
+        waiting = self._key_waiters[job.lock]
+        if self._stopping is not None:
+            while waiting:
+                self._parked -= 1
+                self._cancelled(waiting.popleft(), self._stopping)
+        if not waiting:
+            del self._key_waiters[job.lock]
+            return
+        following = waiting.popleft()
+        following.holds_key = True
+        self._parked -= 1
+        self._retry_ready.append(following)
+        self._wake_all()
+
+    async def _attempt_unlocked(
+        self, job: _Job, owner: asyncio.Task[Any] | None
+    ) -> None:
         cache = self.settings.cache
         if cache is not None and not job.cache_leader and not self._cache_misses(job):
             return
