@@ -211,3 +211,26 @@ def test_adaptive_jobs_from_a_job_file_and_resume(tmp_path: Path) -> None:
 
     assert first.returncode == 0, first.stderr.decode(errors="replace")
     assert again.returncode == 0, again.stderr.decode(errors="replace")
+
+
+def test_serialize_by_keeps_one_item_per_folder_running(tmp_path: Path) -> None:
+    # mkdir is atomic: it fails when another item of the folder holds the mark.
+    for name in ("d1", "d2"):
+        (tmp_path / name).mkdir()
+    items = [f"{d}/{n}" for n in range(6) for d in ("d1", "d2")]
+    script = "mkdir {//}/busy || echo OVERLAP {}; sleep 0.02; rmdir {//}/busy"
+
+    options = ["-q", "-j", "4", "--serialize-by", "{//}", "--shell"]
+    result = run_cli(["run", *options, script, ":::", *items], tmp_path)
+
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert b"OVERLAP" not in result.stdout
+
+
+def test_serialize_by_needs_a_replacement_string(tmp_path: Path) -> None:
+    result = run_cli(["run", "--serialize-by", "folder", "echo", ":::", "a"], tmp_path)
+
+    assert result.returncode == 2
+    assert b"--serialize-by 'folder' must contain a replacement string" in (
+        result.stderr
+    )

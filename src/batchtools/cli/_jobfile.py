@@ -60,6 +60,7 @@ class RunTable(_Strict):
     max_items_per_worker: int | None = None
     cache: str | None = None
     cache_ttl: str | float | int | None = None
+    serialize_by: str | None = None
 
     @field_validator("memfree", "mem_per_item", "max_memory")
     @classmethod

@@ -111,6 +111,7 @@ class RunOptions:
     fallback: list[str] = field(default_factory=list)
     cache: str | None = None
     cache_ttl: str | None = None
+    serialize_by: str | None = None
 
 
 # -- the command group ------------------------------------------------------
@@ -295,6 +296,13 @@ def main() -> None:
     metavar="MODULE:FUNCTION",
     default=None,
     help="With --call, run FUNCTION with that value when each worker stops.",
+)
+@click.option(
+    "--serialize-by",
+    metavar="TEMPLATE",
+    default=None,
+    help="Never run two items at once whose TEMPLATE renders the same, such as "
+    "{//} for items in one folder; other items run in parallel.",
 )
 @click.option(
     "--cache",
@@ -613,6 +621,9 @@ def _plan_run(
         ),
         setup=pick("setup", task_table.setup if task_table else None, None),
         cache=pick("cache", run_table.cache if run_table else None, None),
+        serialize_by=pick(
+            "serialize_by", run_table.serialize_by if run_table else None, None
+        ),
         cache_ttl=_text(
             pick("cache_ttl", run_table.cache_ttl if run_table else None, None)
         ),
@@ -663,6 +674,8 @@ def _job_file_input(job_file: Any) -> InputSpec | None:
 def _checked_plan(options: RunOptions, input_spec: InputSpec) -> Plan:
     input_spec.check()
     options.jobs = _checked_jobs(options.jobs)
+    if options.serialize_by is not None:
+        _lock_key(options.serialize_by)
     if options.fallback and options.call is None:
         raise ConfigurationError(
             f"--fallback {options.fallback[0]!r} needs --call: a fallback chain "
@@ -777,6 +790,24 @@ def _as_text(item: Any) -> Any:
     return item
 
 
+def _lock_key(text: str) -> Callable[[Any], bytes]:
+    """Return the function that renders ``text`` (--serialize-by) for an item."""
+    from batchtools.backends._command import CommandTemplate
+
+    template = CommandTemplate.parse([text])
+    if not template.has_replacements or template.uses_seq or template.uses_slot:
+        raise ConfigurationError(
+            f"--serialize-by {text!r} must contain a replacement string of the "
+            "item, such as {} or {//}, and not {#} or {%}, which differ for "
+            "every item"
+        )
+
+    def render(item: Any) -> bytes:
+        return b"\0".join(template.render([item], seq=0, slot=1))
+
+    return render
+
+
 def _checked_jobs(value: int | str | None) -> int | str | None:
     """Check a --jobs value: a whole number, 'auto' or 'auto:MIN-MAX'.
 
@@ -839,6 +870,9 @@ def _execute(
             policies=_policies(options),
             ordered=options.keep_order,
             spec={"cli": asdict(options)},
+            lock_key=(
+                _lock_key(options.serialize_by) if options.serialize_by else None
+            ),
             setup=_import_function(options.setup, "--setup") if options.setup else None,
             teardown=(
                 _import_function(options.teardown, "--teardown")
