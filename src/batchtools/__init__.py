@@ -27,6 +27,7 @@ from batchtools.engine._api import AsyncStream, Stream, arun, astream, run, stre
 from batchtools.engine._engine import Interrupted, Observer
 from batchtools.engine._halt import Halt
 from batchtools.engine._outcome import Attempt, FailureGroup, Outcome, Report, State
+from batchtools.flow import KeyedLock, SharedState
 from batchtools.policy import (
     Backoff,
     Cache,
@@ -65,6 +66,7 @@ __all__ = [
     "JournalError",
     "JournalLockedError",
     "JournalMismatchError",
+    "KeyedLock",
     "Memory",
     "MemoryLimitError",
     "Observer",
@@ -76,6 +78,7 @@ __all__ = [
     "ResourcePool",
     "Retry",
     "RunAbortedError",
+    "SharedState",
     "State",
     "Stream",
     "TemplateError",

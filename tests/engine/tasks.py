@@ -169,3 +169,11 @@ def hog_memory(item: str) -> str:
 def setup_that_fails() -> None:
     """Setup function that cannot connect."""
     raise ConnectionRefusedError("the database refused the connection")
+
+
+def count_under_lock(item: int, context: batchtools.Context) -> int:
+    """Read, then write, a shared counter while holding the run's lock."""
+    with context.lock.hold("counter"):
+        value = context.shared.get("counter", 0) + 1
+        context.shared.set("counter", value)
+    return int(value)

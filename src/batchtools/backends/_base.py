@@ -41,6 +41,10 @@ class Context:
             halt, interrupt); a thread task should poll it and return.
         state: What the run's ``setup`` function returned in the worker
             executing this attempt (a database connection, say), or ``None``.
+        lock: The run's `KeyedLock`, shared by every worker of every backend:
+            ``with context.lock.hold(key):`` (``hold_async`` in coroutines).
+        shared: The run's `SharedState`, a small key-value store that every
+            worker sees, with atomic ``update(key, function)``.
     """
 
     run_id: str
@@ -50,14 +54,33 @@ class Context:
     idempotency_key: str
     cancelled: threading.Event | None = field(default=None, compare=False)
     state: Any = field(default=None, compare=False)
+    lock: Any = field(default=None, compare=False)
+    shared: Any = field(default=None, compare=False)
 
-    def __getstate__(self) -> tuple[str, str, int, int, str]:
+    def __getstate__(self) -> tuple[Any, ...]:
         # The event cannot cross to a worker process; a process task is
         # stopped by killing its worker instead. The worker sets its own state.
-        return (self.run_id, self.key, self.attempt, self.seq, self.idempotency_key)
+        # The lock and the store pickle as their paths.
+        return (
+            self.run_id,
+            self.key,
+            self.attempt,
+            self.seq,
+            self.idempotency_key,
+            self.lock,
+            self.shared,
+        )
 
-    def __setstate__(self, state: tuple[str, str, int, int, str]) -> None:
-        self.run_id, self.key, self.attempt, self.seq, self.idempotency_key = state
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        (
+            self.run_id,
+            self.key,
+            self.attempt,
+            self.seq,
+            self.idempotency_key,
+            self.lock,
+            self.shared,
+        ) = state
         self.cancelled = None
         self.state = None
 

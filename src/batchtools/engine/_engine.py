@@ -25,7 +25,9 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
@@ -53,6 +55,7 @@ from batchtools.engine._outcome import (
     State,
     format_error,
 )
+from batchtools.flow.locks import RunResources, open_run_resources
 from batchtools.journal import ItemRow, Journal
 from batchtools.policy.cache import ResultCache
 from batchtools.policy.circuit_breaker import Breakers, BreakerState
@@ -287,6 +290,9 @@ class Engine:
         self.retrying = 0
         self._waiting_for_circuit = 0
         self._pauses_logged = 0
+        # The keyed lock and shared store that contexts carry, made when the
+        # first context is.
+        self._resources: RunResources | None = None
         self._key_waiters: dict[Any, collections.deque[_Job]] = {}
         self._slot_waiters: collections.deque[asyncio.Future[None]] = (
             collections.deque()
@@ -439,6 +445,9 @@ class Engine:
                 report.paused_seconds = gate.paused_time()
             if self.settings.cache is not None:
                 self.settings.cache.close()
+            if self._resources is not None:
+                self._resources.close()
+                shutil.rmtree(self._resources.directory, ignore_errors=True)
             limiter = self.settings.concurrency_limiter
             if limiter is not None:
                 start = limiter.history[0][0]
@@ -702,7 +711,18 @@ class Engine:
 
     def _context(self, job: _Job) -> Context:
         key = job.key if job.key is not None else _lazy_key(job)
-        return Context(self.run_id, key, job.attempt, job.seq, f"{self.run_id}:{key}")
+        resources = self._resources
+        if resources is None:
+            resources = self._resources = _open_resources()
+        return Context(
+            self.run_id,
+            key,
+            job.attempt,
+            job.seq,
+            f"{self.run_id}:{key}",
+            lock=resources.lock,
+            shared=resources.shared,
+        )
 
     async def _attempt(self, job: _Job, owner: asyncio.Task[Any] | None) -> None:
         if self.settings.lock_key is None:
@@ -1459,6 +1479,11 @@ class Engine:
             await self._sweeper_wake
             if handle is not None:
                 handle.cancel()
+
+
+def _open_resources() -> RunResources:
+    """Make the keyed lock and shared store of one run, in a private folder."""
+    return open_run_resources(tempfile.mkdtemp(prefix="batchtools-run-"))
 
 
 def _set_result(future: asyncio.Future[Any], value: Any = None) -> None:
