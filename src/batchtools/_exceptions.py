@@ -7,7 +7,8 @@ The tree, grouped by what the caller can do about each family::
     │   └── TemplateError         a command template that cannot be rendered
     ├── JournalError              the journal cannot be used; committed work is kept
     │   ├── JournalLockedError    another live process holds the journal
-    │   └── JournalMismatchError  the journal belongs to a different run
+    │   ├── JournalMismatchError  the journal belongs to a different run
+    │   └── CacheError            the result cache file cannot be read or written
     ├── RunAbortedError           the run could not go on (exit status 3)
     └── AttemptError              one attempt failed; kept in outcomes, never raised
         ├── AttemptTimeoutError   the attempt ran past its timeout
@@ -75,6 +76,17 @@ class JournalLockedError(JournalError):
 
 class JournalMismatchError(JournalError):
     """The journal was made by a different command, task or option set."""
+
+
+class CacheError(JournalError):
+    """The result cache's file cannot be read or written.
+
+    A run goes on without the disk copy: values are kept in memory, and
+    items whose values cannot be read run again.
+    """
+
+    def __str__(self) -> str:
+        return f"result cache {self.path}: {self.message}"
 
 
 class RunAbortedError(BatchtoolsError):
@@ -177,8 +189,8 @@ class MemoryLimitError(AttemptError):
 
     def __str__(self) -> str:
         return (
-            f"the worker process used {self.rss / 2**20:.0f} MiB, more than the "
-            f"limit of {self.limit / 2**20:.0f} MiB, and was killed"
+            f"the worker process used {format_size(self.rss)}, more than the "
+            f"limit of {format_size(self.limit)}, and was killed"
         )
 
 
@@ -241,6 +253,18 @@ class RemoteError(AttemptError):
 
     def __str__(self) -> str:
         return f"{self.type_name}: {self.message}"
+
+
+def format_size(size: int) -> str:
+    """Format bytes for messages: ``512 bytes``, ``3.5 KiB``, ``120.3 MiB``."""
+    if size < 1024:
+        return f"{size} bytes"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024 or unit == "GiB":
+            break
+    return f"{value:.1f} {unit}"
 
 
 def signal_name(number: int) -> str:

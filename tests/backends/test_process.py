@@ -479,7 +479,7 @@ def test_workers_dying_at_startup_abort_run() -> None:
     for ok, error in outcomes:
         assert not ok
         assert isinstance(error, RunAbortedError)
-        assert "exited during startup 3 times in a row" in str(error)
+        assert "failed to start 3 times in a row" in str(error)
         assert "worker process exited with status 7" in str(error)
     assert workers_started == 3
 

@@ -159,8 +159,8 @@ def test_directory_as_journal_is_rejected(tmp_path: Path) -> None:
 
     result = run_cli(["run", "--journal", str(folder), "true", ":::", "a"], tmp_path)
 
-    assert result.returncode == 3
-    assert "not a regular file" in error_lines(result.stderr)[0]
+    assert result.returncode == 2
+    assert "is a folder" in error_lines(result.stderr)[0]
 
 
 def test_rate_limit_from_flag_and_job_file(tmp_path: Path) -> None:

@@ -9,13 +9,15 @@ from tests.cli.support import run_cli, started_cli
 LINES = 200
 COMMANDS = 20
 
-# Writes LINES lines tagged with the item, one write(2) each. Item 01 first
-# waits until item 20 has run, so that it finishes last.
+# Writes LINES lines tagged with the item, one write(2) each. Every other
+# item leaves a file when it is done, and item 01 first waits for all of
+# them, so that it finishes last.
 _TAGGED_LINES = (
     'if [ "$1" = 01 ]; then n=0; '
-    'while [ ! -e "$2" ] && [ $n -lt 1200 ]; do sleep 0.05; n=$((n+1)); done; fi; '
+    f'while [ "$(ls "$2" | wc -l)" -lt {COMMANDS - 1} ] && [ $n -lt 1200 ]; '
+    "do sleep 0.05; n=$((n+1)); done; fi; "
     f'i=0; while [ $i -lt {LINES} ]; do echo "$1 $i"; i=$((i+1)); done; '
-    'if [ "$1" = 20 ]; then : > "$2"; fi'
+    'if [ "$1" != 01 ]; then : > "$2/$1"; fi'
 )
 
 
@@ -32,8 +34,9 @@ def _blocks(stdout: bytes) -> list[tuple[str, list[str]]]:
 
 def _run_tagged(tmp_path: Path, *options: str) -> list[tuple[str, list[str]]]:
     items = [f"{number:02d}" for number in range(1, COMMANDS + 1)]
-    flag = tmp_path / "item-20-ran"
-    command = ["sh", "-c", _TAGGED_LINES, "sh", "{}", str(flag)]
+    done = tmp_path / "done"
+    done.mkdir()
+    command = ["sh", "-c", _TAGGED_LINES, "sh", "{}", str(done)]
     result = run_cli(
         ["run", "--no-journal", "-j", "8", *options, *command, ":::", *items],
         tmp_path,

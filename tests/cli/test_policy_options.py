@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psutil
 import pytest
 
-from tests.cli.support import cli_environment, run_cli
+from tests.cli.support import cli_environment, run_cli, started_cli, wait_until
 
 
 @pytest.mark.parametrize("backend", ["thread", "process"])
@@ -234,3 +235,27 @@ def test_serialize_by_needs_a_replacement_string(tmp_path: Path) -> None:
     assert b"--serialize-by 'folder' must contain a replacement string" in (
         result.stderr
     )
+
+
+def test_workers_end_when_the_cli_is_killed(tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger"
+    environment = cli_environment(
+        CALL_LEDGER=str(ledger), CALL_GATE=str(tmp_path / "never")
+    )
+    arguments = ["run", "-q", "-j", "2", "--backend", "process"]
+    arguments += ["--call", "tests.cli.call_tasks:record_then_wait", ":::", "a", "b"]
+
+    with started_cli(arguments, tmp_path, environment=environment) as process:
+        wait_until(
+            lambda: ledger.exists() and len(ledger.read_text().splitlines()) == 2,
+            "both items to start in worker processes",
+            process=process,
+        )
+        workers = [int(line.split()[1]) for line in ledger.read_text().splitlines()]
+        process.kill()
+        process.wait()
+
+        wait_until(
+            lambda: not any(psutil.pid_exists(pid) for pid in workers),
+            "the worker processes to end after their parent was killed",
+        )

@@ -34,6 +34,12 @@ def _bad_job_file(text: str) -> Callable[[Path], list[Argument]]:
     return write
 
 
+def _a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "plain-file"
+    path.write_text("")
+    return path
+
+
 def _no_options(tmp_path: Path) -> list[Argument]:
     return []
 
@@ -76,7 +82,27 @@ CASES: dict[str, tuple[Callable[[Path], list[Argument]], list[str] | None, str]]
     "worker memory limit on commands": (
         lambda _: ["--max-memory", "1G"],
         [":::", "a"],
-        "--backend process",
+        "not to commands",
+    ),
+    "memfree above the machine": (
+        lambda _: ["--memfree", "1000T"],
+        [":::", "a"],
+        "more than this machine's",
+    ),
+    "journal is a folder": (
+        lambda tmp: ["--journal", str(tmp)],
+        [":::", "a"],
+        "is a folder",
+    ),
+    "journal in a missing folder": (
+        lambda tmp: ["--journal", str(tmp / "missing" / "j.db")],
+        [":::", "a"],
+        "does not exist",
+    ),
+    "journal under a file": (
+        lambda tmp: ["--journal", str(_a_file(tmp) / "j.db")],
+        [":::", "a"],
+        "is not a folder",
     ),
     "setup without call": (
         lambda _: ["--setup", "tests.cli.call_tasks:connect"],
@@ -140,3 +166,52 @@ def test_unknown_option_suggests_close_name() -> None:
     assert "--retires" in result.output
     assert "Did you mean" in result.output
     assert "--retries" in result.output
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--memfree", "-5"],
+        ["--max-memory", "abc"],
+        ["--cache-ttl", "xyz", "--cache", "c.db"],
+        ["--max-memory", "1G"],
+    ],
+)
+def test_dry_run_checks_every_option(tmp_path: Path, options: list[str]) -> None:
+    result = run_cli(["run", "--dry-run", *options, "echo", ":::", "a"], tmp_path)
+
+    assert result.returncode == 2, result.stderr.decode(errors="replace")
+    assert result.stdout == b""
+    assert not (tmp_path / "c.db").exists()
+
+
+def test_module_that_fails_to_import_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "broken_module.py").write_text("raise RuntimeError('import blew up')\n")
+
+    result = run_cli(["run", "--call", "broken_module:f", ":::", "a"], tmp_path)
+
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 2, stderr
+    assert "importing 'broken_module' failed (RuntimeError: import blew up)" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_journal_and_cache_on_one_file_exit_2(tmp_path: Path) -> None:
+    result = run_cli(
+        [
+            "run",
+            "--journal",
+            "same.db",
+            "--cache",
+            "same.db",
+            "--call",
+            "tests.cli.call_tasks:backup",
+            ":::",
+            "a",
+        ],
+        tmp_path,
+    )
+
+    assert result.returncode == 2
+    assert b"--journal and --cache both name" in result.stderr
+    assert not (tmp_path / "same.db").exists()

@@ -177,3 +177,30 @@ def count_under_lock(item: int, context: batchtools.Context) -> int:
         value = context.shared.get("counter", 0) + 1
         context.shared.set("counter", value)
     return int(value)
+
+
+class SetupThatFailsOnce:
+    """Setup function that fails the first time in a run, counted in a file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __call__(self) -> str:
+        try:
+            descriptor = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return "connected"
+        os.close(descriptor)
+        raise ConnectionRefusedError("the database refused the connection once")
+
+
+class SetupThatHangs:
+    """Setup function that signals it started, by a file, then never returns."""
+
+    def __init__(self, started: str) -> None:
+        self.started = started
+
+    def __call__(self) -> None:
+        with open(self.started, "w"):
+            pass
+        time.sleep(WAIT_LIMIT)

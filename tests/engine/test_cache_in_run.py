@@ -181,3 +181,21 @@ def test_callable_objects_keep_their_cache_across_instances(tmp_path: Path) -> N
 
     assert second.calls == []
     assert report.cache_hits == 3
+
+
+def test_a_damaged_cache_file_costs_reuse_not_items(tmp_path: Path) -> None:
+    path = tmp_path / "cache.db"
+    task = CountingTask()
+    batchtools.run(range(20), task, policies=[Cache(path=path)])
+    # Keep the header page, and make every other page garbage.
+    data = bytearray(path.read_bytes())
+    page = int.from_bytes(data[16:18], "big") or 65536
+    data[page:] = b"\xff" * (len(data) - page)
+    path.write_bytes(bytes(data))
+    task.calls.clear()
+
+    report = batchtools.run(range(20), task, policies=[Cache(path=path)])
+
+    assert report.ok
+    assert report.cache_errors > 0
+    assert sorted(task.calls) == list(range(20))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
 from pathlib import Path
@@ -10,7 +11,8 @@ from typing import Any
 import pytest
 
 import batchtools
-from batchtools import ConfigurationError, State
+from batchtools import ConfigurationError, RunAbortedError, State
+from batchtools.journal import iter_items
 from tests.engine import tasks
 
 
@@ -131,20 +133,121 @@ def test_async_setup_failure_stops_the_run_before_any_attempt() -> None:
     assert calls == []
 
 
-def test_process_setup_failure_fails_the_items_with_the_cause() -> None:
+def test_process_setup_that_keeps_failing_aborts_the_run(tmp_path: Path) -> None:
+    journal = tmp_path / "run.db"
+
+    with pytest.raises(RunAbortedError) as caught:
+        batchtools.run(
+            range(4),
+            tasks.pid_of_worker,
+            backend="process",
+            concurrency=2,
+            setup=tasks.setup_that_fails,
+            journal=journal,
+        )
+
+    message = str(caught.value)
+    assert "failed to start 3 times in a row" in message
+    assert "setup function" in message
+    assert "refused the connection" in message
+    # Nothing ran, so a resume has every item left to do.
+    states = {row.state for row in iter_items(journal)}
+    assert states <= {"pending"}
+
+
+def test_process_setup_that_fails_once_is_tried_again(tmp_path: Path) -> None:
+    setup = tasks.SetupThatFailsOnce(str(tmp_path / "failed-once"))
+
     report = batchtools.run(
-        range(4),
-        tasks.pid_of_worker,
-        backend="process",
-        concurrency=2,
-        setup=tasks.setup_that_fails,
+        range(6), tasks.pid_of_worker, backend="process", concurrency=2, setup=setup
     )
 
-    assert report.counts["failed"] == 4
-    for outcome in report.outcomes:
-        assert isinstance(outcome.error, ConfigurationError)
-        assert "setup function" in str(outcome.error)
-        assert "refused the connection" in str(outcome.error)
+    assert report.ok
+
+
+def test_thread_setup_raising_system_exit_stops_the_run() -> None:
+    def setup() -> None:
+        raise SystemExit(3)
+
+    with pytest.raises(ConfigurationError, match="SystemExit"):
+        batchtools.run(range(3), lambda item: item, backend="thread", setup=setup)
+
+
+def stop_when(engine: Any, condition: Any) -> asyncio.Task[None]:
+    """Stop ``engine`` once ``condition()`` is true, polling the event loop."""
+
+    async def watch() -> None:
+        while not condition():
+            await asyncio.sleep(0.005)
+        engine.stop("received SIGINT")
+
+    return asyncio.ensure_future(watch())
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_a_stop_ends_a_setup_that_hangs(tmp_path: Path, backend: str) -> None:
+    from batchtools.engine._api import build_engine, prepare
+
+    started = tmp_path / "setup-started"
+    release = threading.Event()
+
+    def thread_setup() -> None:
+        started.touch()
+        release.wait(60)
+
+    setup: Any = (
+        thread_setup if backend == "thread" else tasks.SetupThatHangs(str(started))
+    )
+
+    async def main() -> batchtools.Report:
+        job = prepare(tasks.pid_of_worker, backend=backend, concurrency=2, setup=setup)
+        engine = build_engine(range(3), job, None)
+        watcher = stop_when(engine, started.exists)
+        report = await engine.run()
+        await watcher
+        return report
+
+    try:
+        report = asyncio.run(main())
+    finally:
+        release.set()
+
+    assert report.interrupted
+    assert report.total == 0
+
+
+def test_terminate_ends_a_teardown_that_hangs() -> None:
+    from batchtools.engine._api import build_engine, prepare
+
+    in_teardown = threading.Event()
+    release = threading.Event()
+
+    def teardown(state: None) -> None:
+        in_teardown.set()
+        release.wait(60)
+
+    async def main() -> batchtools.Report:
+        job = prepare(
+            lambda item: item, backend="thread", concurrency=2, teardown=teardown
+        )
+        engine = build_engine(range(3), job, None)
+
+        async def terminate_in_teardown() -> None:
+            while not in_teardown.is_set():
+                await asyncio.sleep(0.005)
+            engine.terminate("received SIGINT")
+
+        watcher = asyncio.ensure_future(terminate_in_teardown())
+        report = await engine.run()
+        await watcher
+        return report
+
+    try:
+        report = asyncio.run(main())
+    finally:
+        release.set()
+
+    assert report.counts["succeeded"] == 3
 
 
 def test_commands_take_no_setup_function() -> None:
@@ -213,3 +316,19 @@ def test_worker_limits_need_the_process_backend(backend: str) -> None:
             backend=backend,
             policies=[batchtools.Memory(max_worker="1G")],
         )
+
+
+def test_memory_limit_below_an_idle_worker_aborts_the_run() -> None:
+    with pytest.raises(RunAbortedError) as caught:
+        batchtools.run(
+            range(3),
+            tasks.pid_of_worker,
+            backend="process",
+            concurrency=1,
+            policies=[batchtools.Memory(max_worker="1M")],
+        )
+
+    message = str(caught.value)
+    assert "while executing nothing" in message
+    assert "1.0 MiB" in message
+    assert "raise --max-memory" in message

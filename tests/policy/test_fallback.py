@@ -76,3 +76,34 @@ def test_invalid_chains_are_rejected() -> None:
         Fallback()
     with pytest.raises(ConfigurationError, match="all sync"):
         Fallback(primary, async_secondary)
+
+
+def test_strategies_that_take_a_context_receive_it() -> None:
+    def refuse(item: int) -> int:
+        raise ConnectionError("primary down")
+
+    def with_key(item: int, context: batchtools.Context) -> str:
+        return f"{item} {context.idempotency_key}"
+
+    report = batchtools.run([7], Fallback(refuse, with_key))
+
+    (outcome,) = report.outcomes
+    assert (
+        outcome.strategy
+        == "test_strategies_that_take_a_context_receive_it.<locals>.with_key"
+    )
+    assert outcome.value == f"7 {report.run_id}:{outcome.key}"
+
+
+def test_mixed_kinds_name_each_strategy() -> None:
+    def plain(item: int) -> int:
+        return item
+
+    async def waiting(item: int) -> int:
+        return item
+
+    with pytest.raises(ConfigurationError) as caught:
+        Fallback(plain, waiting)
+
+    assert "plain (sync)" in str(caught.value)
+    assert "waiting (async)" in str(caught.value)

@@ -476,7 +476,9 @@ def test_waiter_cancelled_after_slot_handover_frees_slot() -> None:
     asyncio.run(scenario())
 
 
-def test_cancelled_holder_returns_resource() -> None:
+def test_cancelled_holder_closes_its_resource() -> None:
+    # A holder cancelled at an await (a timeout, say) may have stopped in the
+    # middle of an exchange, so the next task must not get that resource.
     async def scenario() -> None:
         pool = ResourcePool(Factory())
         entered = asyncio.Event()
@@ -491,10 +493,12 @@ def test_cancelled_holder_returns_resource() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        await pool.reap()
         assert pool.in_use == 0
-        assert pool.idle == 1
+        assert pool.idle == 0
+        assert pool.closed == 1
         await borrow(pool)
-        assert pool.created == 1
+        assert pool.created == 2
         await pool.aclose()
 
     asyncio.run(scenario())
@@ -751,3 +755,21 @@ def test_durations_accept_text() -> None:
 def test_acquire_context_is_async_context_manager() -> None:
     pool = ResourcePool(Factory())
     assert isinstance(pool.acquire(), contextlib.AbstractAsyncContextManager)
+
+
+def test_factory_returning_a_held_object_is_rejected() -> None:
+    shared = object()
+
+    async def same() -> object:
+        return shared
+
+    async def scenario() -> None:
+        pool: ResourcePool[object] = ResourcePool(same, max_size=3)
+        async with pool.acquire():
+            with pytest.raises(TypeError, match="already holds"):
+                async with pool.acquire():
+                    pass
+        assert pool.size == 1
+        await pool.aclose()
+
+    asyncio.run(scenario())

@@ -251,6 +251,14 @@ class Backend(ABC):
         attempt starts. Backends without a queue of their own need nothing.
         """
 
+    def terminate(self) -> None:  # noqa: B027 - optional
+        """Give up on workers that do not stop, so that `aclose` returns soon.
+
+        Called on a second interrupt, also while `start` or `aclose` runs:
+        kill worker processes, stop waiting for threads, cancel a teardown
+        that hangs. Backends whose `aclose` cannot hang need nothing.
+        """
+
     @abstractmethod
     async def aclose(self, *, cancel: bool) -> None:
         """Stop all workers and reap them.

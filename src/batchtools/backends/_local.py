@@ -58,6 +58,8 @@ class AsyncBackend(Backend):
         super().__init__(concurrency)
         self._task = task
         self._state: Any = None
+        self._teardown: asyncio.Task[Any] | None = None
+        self._given_up = False
 
     async def start(self) -> None:
         # One event loop is one worker: the setup runs once for the run, and
@@ -102,14 +104,25 @@ class AsyncBackend(Backend):
 
     async def aclose(self, *, cancel: bool) -> None:
         teardown = self._task.teardown
-        if teardown is None:
+        if teardown is None or self._given_up:
             return
+        self._teardown = asyncio.ensure_future(_await_teardown(teardown, self._state))
         try:
-            done = teardown(self._state)
-            if inspect.isawaitable(done):
-                await done
+            await self._teardown
+        except asyncio.CancelledError:
+            if not self._given_up:
+                raise
+            log.warning(
+                "gave up waiting for the teardown function of task %s",
+                self._task.name,
+            )
         except Exception:
             log.exception("the teardown function of task %s failed", self._task.name)
+
+    def terminate(self) -> None:
+        self._given_up = True
+        if self._teardown is not None:
+            self._teardown.cancel()
 
 
 _STOP = object()
@@ -139,9 +152,17 @@ class ThreadBackend(Backend):
         self._executing: dict[threading.Thread, Call] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_error: BaseException | None = None
-        # Each thread releases this once its setup function has returned.
-        self._set_up = threading.Semaphore(0)
         self._setup_errors: list[ConfigurationError] = []
+        self._setups_pending = 0
+        # Threads inside their setup function, which a closing run leaves.
+        self._in_setup: set[threading.Thread] = set()
+        # Resolved once every thread's setup function has returned.
+        self._set_up: asyncio.Future[None] | None = None
+        # Resolved when a thread ends, so that closing waits on the loop
+        # rather than on a blocking join.
+        self._ended: dict[threading.Thread, asyncio.Future[None]] = {}
+        # Resolved by `terminate`: stop waiting for threads.
+        self._given_up: asyncio.Future[None] | None = None
 
     @property
     def capacity(self) -> int:
@@ -150,25 +171,31 @@ class ThreadBackend(Backend):
         return self.concurrency * (4 if self.queue_ahead else 1)
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        self._given_up = loop.create_future()
+        self._set_up = loop.create_future()
+        self._setups_pending = self.concurrency if self._task.setup else 0
         for number in range(self.concurrency):
             thread = threading.Thread(
                 target=self._work, name=f"batchtools-thread-{number}", daemon=True
             )
+            self._ended[thread] = loop.create_future()
             thread.start()
             self._threads.append(thread)
         if self._task.setup is None:
             return
         # Each thread sets up its own state (a connection made in a thread
         # may belong to it), and the run starts once every one succeeded.
-        await asyncio.to_thread(self._wait_for_setups)
+        await self._set_up
         if self._setup_errors:
             await self.aclose(cancel=True)
             raise self._setup_errors[0]
 
-    def _wait_for_setups(self) -> None:
-        for _ in self._threads:
-            self._set_up.acquire()
+    def terminate(self) -> None:
+        # Threads cannot be killed: stop waiting for them. They are daemon
+        # threads, so they end with the process.
+        if self._given_up is not None and not self._given_up.done():
+            self._given_up.set_result(None)
 
     async def execute(self, call: Call) -> Any:
         assert self._loop is not None, "start() must be called before execute()"
@@ -209,12 +236,25 @@ class ThreadBackend(Backend):
                 for thread, call in self._executing.items()
                 if call in self._abandoned
             }
+            # A run stopped while its workers set up does not wait for them.
+            stuck |= self._in_setup
         # Threads cannot be killed. A thread that runs an abandoned attempt
         # (timed out or cancelled) may never return, so the run ends without
-        # it and the report counts it. The other threads are joined.
-        for thread in self._threads:
-            if thread not in stuck:
-                await asyncio.to_thread(thread.join)
+        # it and the report counts it. The other threads are waited for,
+        # until `terminate` gives up on them too.
+        waits = [self._ended[thread] for thread in self._threads if thread not in stuck]
+        if waits and self._given_up is not None:
+            ending: asyncio.Future[Any] = asyncio.gather(*waits)
+            given_up: asyncio.Future[Any] = self._given_up
+            await asyncio.wait([ending, given_up], return_when=asyncio.FIRST_COMPLETED)
+            if not ending.done():
+                ending.cancel()
+                log.warning(
+                    "gave up waiting for %d threads of task %s that did not end "
+                    "(in a setup, teardown or attempt that does not return)",
+                    sum(1 for wait in waits if not wait.done()),
+                    self._task.name,
+                )
 
     def statistics(self) -> BackendStatistics:
         with self._lock:
@@ -224,21 +264,33 @@ class ThreadBackend(Backend):
         )
 
     def _work(self) -> None:
+        me = threading.current_thread()
+        try:
+            self._serve(me)
+        finally:
+            self._call_on_loop(_resolve, self._ended[me])
+
+    def _serve(self, me: threading.Thread) -> None:
         function = self._task.function
         wants_context = self._task.wants_context
-        me = threading.current_thread()
         state = None
         if self._task.setup is not None:
+            with self._lock:
+                self._in_setup.add(me)
             try:
                 state = self._task.setup()
-            except Exception as error:
+            except BaseException as error:
+                # Even SystemExit: the run must learn that this thread is done.
                 with self._lock:
                     self._setup_errors.append(
                         setup_failed(self._task, f"thread {me.name}", error)
                     )
-                self._set_up.release()
+                self._call_on_loop(self._one_set_up)
                 return
-            self._set_up.release()
+            finally:
+                with self._lock:
+                    self._in_setup.discard(me)
+            self._call_on_loop(self._one_set_up)
         while True:
             entry = self._inbox.get()
             if entry is _STOP:
@@ -268,6 +320,18 @@ class ThreadBackend(Backend):
             else:
                 self._deliver(call, future, True, value)
 
+    def _one_set_up(self) -> None:
+        self._setups_pending -= 1
+        if self._setups_pending == 0 and self._set_up is not None:
+            _resolve(self._set_up)
+
+    def _call_on_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass  # The loop has closed, so nobody waits any more.
+
     def _deliver(
         self, call: Call, future: asyncio.Future[Any], ok: bool, value: Any
     ) -> None:
@@ -296,3 +360,14 @@ class ThreadBackend(Backend):
                 future.set_result(value)
             else:
                 future.set_exception(value)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _await_teardown(teardown: Callable[[Any], Any], state: Any) -> None:
+    done = teardown(state)
+    if inspect.isawaitable(done):
+        await done

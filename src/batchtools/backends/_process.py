@@ -47,8 +47,10 @@ import multiprocessing
 import multiprocessing.util
 import os
 import pickle
+import select
 import signal
 import struct
+import threading
 import time
 import traceback
 import weakref
@@ -70,6 +72,7 @@ from batchtools._exceptions import (
     RemoteError,
     RunAbortedError,
     WorkerLostError,
+    format_size,
 )
 from batchtools.backends._base import Backend, BackendStatistics, Call, TaskSpec
 from batchtools.backends._local import setup_failed
@@ -107,6 +110,7 @@ _MAX_STARTUP_FAILURES = 3
 # How often _acquire checks whether a worker died while holding its lock.
 _LOCK_POLL_SECONDS = 0.01
 _MEMORY_CHECK_SECONDS = 0.1  # how often workers' resident memory is read
+_ORPHANED = 70  # a worker's exit status when the main process died
 _READ_BYTES = 65536  # the default capacity of a Linux pipe
 _READS_PER_WAKEUP = 16  # bounds the time one busy pipe keeps the event loop
 
@@ -404,6 +408,7 @@ def _worker_main(
     # The terminal sends Ctrl-C to the whole foreground process group. The
     # engine, not the workers, decides what an interrupt stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent(inbox)
     with contextlib.suppress(EOFError, BrokenPipeError):
         try:
             function, setup, teardown = pickle.loads(task_bytes)
@@ -442,6 +447,27 @@ def _worker_main(
             del message
             runner.run(seq, items)
             del items
+
+
+def _exit_with_parent(inbox: Connection) -> None:
+    """End this worker at once when the main process is gone.
+
+    The main process holds the only write end of the worker's inbox, so the
+    inbox hangs up when it dies, even by SIGKILL. A daemon thread waits for
+    that, so a worker busy in a long item, or in a setup that hangs, does
+    not outlive a killed run. The forkserver, whose alive pipe the workers
+    hold, then ends too.
+    """
+    poller = select.poll()
+    poller.register(inbox.fileno(), 0)  # hang-ups and errors only
+
+    def watch() -> None:
+        while True:
+            for _, event in poller.poll():
+                if event & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    os._exit(_ORPHANED)
+
+    threading.Thread(target=watch, name="batchtools-parent-watch", daemon=True).start()
 
 
 # --- Parent side -------------------------------------------------------------
@@ -557,6 +583,12 @@ class ProcessBackend(Backend):
         self._memory_timer: asyncio.TimerHandle | None = None
         self._workers_recycled = 0
         self._memory_kills = 0
+        # Kills of workers that were executing nothing, since the last result.
+        self._idle_memory_kills = 0
+        self._setup_error: BaseException | None = None
+        self._ready_count = 0
+        # Resolved when every first worker is ready, for a task with a setup.
+        self._all_ready: asyncio.Future[None] | None = None
         self._task = task
         self._task_bytes = b""
         self._context: ForkServerContext | None = None
@@ -607,6 +639,9 @@ class ProcessBackend(Backend):
         try:
             for slot in range(self.concurrency):
                 self._start_worker(slot)
+                # Forking blocks the loop: let a signal in between workers,
+                # so that Ctrl-C can stop a start of many.
+                await asyncio.sleep(0)
         except BaseException:
             self._kill_all()
             raise
@@ -614,6 +649,16 @@ class ProcessBackend(Backend):
             self._memory_timer = self._loop.call_later(
                 _MEMORY_CHECK_SECONDS, self._check_memory
             )
+        if self._task.setup is not None:
+            # An attempt's timeout runs from hand-over, so workers finish
+            # their setup before the first item goes out.
+            self._all_ready = self._loop.create_future()
+            await self._all_ready
+            if self._stop_error is not None:
+                raise self._stop_error
+
+    def terminate(self) -> None:
+        self._kill_all()
 
     async def execute(self, call: Call) -> Any:
         if call.cancel_error is not None:
@@ -762,6 +807,18 @@ class ProcessBackend(Backend):
         finally:
             worker.lock.release()
         self._memory_kills += 1
+        self._idle_memory_kills = 0 if key is not None else self._idle_memory_kills + 1
+        if self._idle_memory_kills >= _MAX_STARTUP_FAILURES:
+            self._abort(
+                RunAbortedError(
+                    f"worker processes of task {self._task.name} used more memory "
+                    f"than the limit of {format_size(limit)} while executing nothing "
+                    f"({format_size(rss)} the last time), "
+                    f"{self._idle_memory_kills} times in a row; raise --max-memory "
+                    "(Memory max_worker) above what an idle worker needs"
+                )
+            )
+            return
         logger.warning(
             "task %s: worker process %s killed: %s%s",
             self._task.name,
@@ -930,10 +987,14 @@ class ProcessBackend(Backend):
         if not worker.ready and not worker.killed:
             self._startup_failures += 1
             if self._startup_failures >= _MAX_STARTUP_FAILURES:
+                why = (
+                    str(self._setup_error)
+                    if self._setup_error is not None
+                    else f"last {WorkerLostError(exit_status)}; their stderr shows why"
+                )
                 error = RunAbortedError(
-                    f"worker processes for task {self._task.name} exited during "
-                    f"startup {self._startup_failures} times in a row (last "
-                    f"{WorkerLostError(exit_status)}). Their stderr shows why"
+                    f"worker processes for task {self._task.name} failed to start "
+                    f"{self._startup_failures} times in a row: {why}"
                 )
                 logger.error("%s", error)
                 self._abort(error)
@@ -956,6 +1017,8 @@ class ProcessBackend(Backend):
         if self._stop_error is None:
             self._stop_error = error
         self._fail_queue(error)
+        if self._all_ready is not None:
+            _resolve(self._all_ready)
 
     # --- Sending -----------------------------------------------------------
 
@@ -1194,13 +1257,22 @@ class ProcessBackend(Backend):
         elif kind == _READY:
             worker.ready = True
             self._startup_failures = 0
+            self._ready_count += 1
+            if self._ready_count >= self.concurrency and self._all_ready is not None:
+                _resolve(self._all_ready)
         elif kind == _UNDECODABLE:
             _, seq = _CHUNK_HEADER.unpack_from(message)
             self._on_undecodable(worker, seq, message[_CHUNK_HEADER.size :])
         elif kind == _LOAD_FAILED:
             cause = self._decode_error(message[2:])
             if message[1]:
-                error = setup_failed(self._task, f"worker process {worker.slot}", cause)
+                # The worker exits now; its replacement tries the setup
+                # again, up to the limit of startup failures in a row.
+                self._setup_error = setup_failed(
+                    self._task, f"worker process {worker.slot}", cause
+                )
+                logger.warning("%s", self._setup_error)
+                return
             else:
                 error = ConfigurationError(
                     f"task {self._task.name} cannot be loaded in a worker process "
@@ -1218,6 +1290,7 @@ class ProcessBackend(Backend):
             return
         self._deliver(chunk, message, _FRAMES_START, len(message))
         if executed:
+            self._idle_memory_kills = 0
             sample = elapsed / executed
             average = self._item_seconds
             self._item_seconds = (
@@ -1331,3 +1404,8 @@ class ProcessBackend(Backend):
                         call.handle.set_result((False, error))
         finally:
             worker.lock.release()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -273,8 +273,8 @@ def main() -> None:
     "--max-items-per-worker",
     type=click.IntRange(min=1),
     default=None,
-    help="Replace each worker process after N items, for leaky tasks "
-    "(--backend process).",
+    help="Replace each worker process after N attempts (N calls with -n), for "
+    "leaky tasks (--backend process).",
 )
 @click.option(
     "--setup",
@@ -372,6 +372,7 @@ def run_command(
     except ConfigurationError as error:
         raise UsageError(str(error)) from None
     if options["dry_run"]:
+        _prepare(plan, open_cache=False)
         _dry_run(plan)
         return
     _execute(plan, options, mode="run")
@@ -505,6 +506,8 @@ def show_command(journal: str, key: str) -> None:
     """
     try:
         history = item_history(journal, key)
+    except ConfigurationError as error:
+        raise UsageError(str(error)) from None
     except JournalError as error:
         raise AbortError(str(error)) from None
     if history is None:
@@ -737,6 +740,13 @@ def _import_function(target: str, option: str) -> Any:
         raise ConfigurationError(
             f"{option} {target!r}: cannot import {module_name!r}: {error}"
         ) from None
+    except Exception as error:
+        # The module exists but its own code failed: a bug, or a missing
+        # setting, that the user fixes in that module.
+        raise ConfigurationError(
+            f"{option} {target!r}: importing {module_name!r} failed "
+            f"({type(error).__name__}: {error})"
+        ) from None
     function = getattr(module, function_name, None)
     if function is None or not callable(function):
         raise ConfigurationError(
@@ -857,31 +867,9 @@ def _execute(
 ) -> NoReturn:
     options = plan.options
     quiet = bool(flags.get("quiet"))
-    try:
-        job = prepare(
-            plan.task,
-            concurrency=options.jobs,
-            retry=_retry_policy(options),
-            deadline=options.deadline,
-            timeout=options.timeout,
-            backend=options.backend,
-            batch_size=options.max_args,
-            halt=options.halt,
-            policies=_policies(options),
-            ordered=options.keep_order,
-            spec={"cli": asdict(options)},
-            lock_key=(
-                _lock_key(options.serialize_by) if options.serialize_by else None
-            ),
-            setup=_import_function(options.setup, "--setup") if options.setup else None,
-            teardown=(
-                _import_function(options.teardown, "--teardown")
-                if options.teardown
-                else None
-            ),
-        )
-    except ConfigurationError as error:
-        raise UsageError(str(error)) from None
+    if mode == "run" and not flags.get("no_journal") and flags.get("journal"):
+        _check_journal_path(Path(flags["journal"]), options)
+    job = _prepare(plan)
     if options.results is not None:
         _check_results_folder(options.results)
     items, journal_rows, rerun = _sources(plan, mode, journal_path)
@@ -971,6 +959,71 @@ def _retry_policy(options: RunOptions) -> Retry | int:
     if options.item_deadline is None:
         return options.retries
     return Retry(attempts=options.retries + 1, deadline=options.item_deadline)
+
+
+def _prepare(plan: Plan, *, open_cache: bool = True) -> Any:
+    """Check every option of ``plan`` and build the job; exit 2 on bad input.
+
+    Without ``open_cache`` (a dry run) the cache file is neither created nor
+    opened, but its options are still checked.
+    """
+    options = plan.options
+    try:
+        policies = _policies(options)
+        if not open_cache:
+            policies = [p for p in policies if not isinstance(p, Cache)]
+        return prepare(
+            plan.task,
+            concurrency=options.jobs,
+            retry=_retry_policy(options),
+            deadline=options.deadline,
+            timeout=options.timeout,
+            backend=options.backend,
+            batch_size=options.max_args,
+            halt=options.halt,
+            policies=policies,
+            ordered=options.keep_order,
+            spec={"cli": asdict(options)},
+            lock_key=(
+                _lock_key(options.serialize_by) if options.serialize_by else None
+            ),
+            setup=_import_function(options.setup, "--setup") if options.setup else None,
+            teardown=(
+                _import_function(options.teardown, "--teardown")
+                if options.teardown
+                else None
+            ),
+        )
+    except ConfigurationError as error:
+        raise UsageError(str(error)) from None
+
+
+def _check_journal_path(path: Path, options: RunOptions) -> None:
+    """Reject a --journal path that cannot hold a journal, before anything runs."""
+    if options.cache is not None and Path(options.cache).absolute() == path.absolute():
+        raise UsageError(
+            f"--journal and --cache both name {str(path)!r}; give them different files"
+        )
+    try:
+        if path.is_dir():
+            raise UsageError(
+                f"--journal {str(path)!r} is a folder; give a file path inside "
+                "it, such as " + repr(str(path / "run.db"))
+            )
+        folder = path.parent
+        if not folder.exists():
+            raise UsageError(
+                f"--journal {str(path)!r}: the folder {str(folder)!r} does not "
+                "exist; create it first"
+            )
+        if not folder.is_dir():
+            raise UsageError(
+                f"--journal {str(path)!r}: {str(folder)!r} is not a folder"
+            )
+    except OSError as error:
+        raise UsageError(
+            f"--journal {str(path)!r} cannot be used: {error.strerror}"
+        ) from None
 
 
 def _check_results_folder(folder: str) -> None:

@@ -132,7 +132,7 @@ def prepare(
     if memory is not None:
         capped = memory.cap(width)
         if capped < width:
-            log.info(
+            logging.getLogger("batchtools.memory").warning(
                 "concurrency lowered from %d to %d: each item may use %s bytes "
                 "(--mem-per-item) and %s bytes are available",
                 width,
@@ -286,12 +286,19 @@ def _check_worker_options(
         ("max_worker", "--max-memory"),
         ("max_items_per_worker", "--max-items-per-worker"),
     ):
-        if getattr(memory, name) is not None:
+        if getattr(memory, name) is None:
+            continue
+        if backend == "subprocess":
             raise ConfigurationError(
-                f"Memory {name} ({option}) applies to worker processes, and this "
-                f"run uses the {backend} backend; choose the process backend "
-                "(--backend process) or drop the option"
+                f"Memory {name} ({option}) applies to Python tasks on worker "
+                "processes, not to commands; to bound a command's memory, run it "
+                "under ulimit -v or a cgroup"
             )
+        raise ConfigurationError(
+            f"Memory {name} ({option}) applies to worker processes, and this "
+            f"run uses the {backend} backend; choose the process backend "
+            "(--backend process) or drop the option"
+        )
 
 
 def _concurrency(value: int | str | Concurrency | None, backend: str) -> Concurrency:
@@ -476,7 +483,10 @@ def signal_handlers(
     def handle(number: int) -> None:
         seen.append(number)
         name = signal.Signals(number).name
-        engine.stop(f"received {name}", cancel=len(seen) > 1)
+        if len(seen) > 1:
+            engine.terminate(f"received {name}")
+        else:
+            engine.stop(f"received {name}")
 
     for number in STOP_SIGNALS:
         loop.add_signal_handler(number, handle, number)

@@ -30,6 +30,7 @@ import signal
 import tempfile
 import time
 import uuid
+from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -38,6 +39,7 @@ from batchtools import _codec
 from batchtools._exceptions import (
     AttemptTimeoutError,
     BatchtoolsError,
+    CacheError,
     CircuitOpenError,
     CommandFailedError,
     JournalError,
@@ -67,6 +69,9 @@ from batchtools.policy.retry import NO_RETRY, Retry
 
 log = logging.getLogger("batchtools.engine")
 retry_log = logging.getLogger("batchtools.retry")
+# The CLI shows these by default, unlike the engine's routine messages.
+memory_log = logging.getLogger("batchtools.memory")
+cache_log = logging.getLogger("batchtools.cache")
 
 VALUE_LIMIT = 64 * 1024
 # Enum members hash in Python code; their ids hash in C.
@@ -356,6 +361,15 @@ class Engine:
             for call in list(self._active):
                 self.backend.cancel(call, Interrupted(reason))
 
+    def terminate(self, reason: str = "interrupted") -> None:
+        """Stop at once: cancel what runs and give up on workers that hang.
+
+        Worker processes are killed, even in their setup or teardown, and
+        threads that do not end are left behind. For a second interrupt.
+        """
+        self.stop(reason, cancel=True)
+        self.backend.terminate()
+
     def suspend(self) -> None:
         """Stop the run's processes and this one until SIGCONT (Ctrl-Z).
 
@@ -409,20 +423,29 @@ class Engine:
                 self.settings.deadline, self._deadline_passed
             )
         watchdog = loop.create_task(_watch_stalls())
+        started = False
         try:
-            await self.backend.start()
-            workers = [
-                loop.create_task(self._work()) for _ in range(self.backend.capacity)
-            ]
-            try:
-                await asyncio.gather(*workers)
-            except BaseException:
-                self.stop("cancelled", cancel=True)
-                self._release_in_flight()
-                for task in workers:
-                    task.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
-                raise
+            # A stop while workers start (a setup that hangs) ends the start.
+            starting = loop.create_task(self.backend.start())
+            await asyncio.wait([starting, self._stopped], return_when=FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            started = not starting.cancelled()
+            if started:
+                starting.result()
+                workers = [
+                    loop.create_task(self._work()) for _ in range(self.backend.capacity)
+                ]
+                try:
+                    await asyncio.gather(*workers)
+                except BaseException:
+                    self.stop("cancelled", cancel=True)
+                    self._release_in_flight()
+                    for task in workers:
+                        task.cancel()
+                    await asyncio.gather(*workers, return_exceptions=True)
+                    raise
         finally:
             watchdog.cancel()
             if run_deadline is not None:
@@ -430,7 +453,7 @@ class Engine:
             if sweeper is not None:
                 sweeper.cancel()
             await self.backend.aclose(
-                cancel=self._cancelling or self._aborted is not None
+                cancel=self._cancelling or self._aborted is not None or not started
             )
             await self._feed.aclose()
             await self._close_journal()
@@ -444,7 +467,10 @@ class Engine:
                 report.memory_pauses = gate.pauses
                 report.paused_seconds = gate.paused_time()
             if self.settings.cache is not None:
-                self.settings.cache.close()
+                cache = self.settings.cache
+                if cache.policy.path is not None:
+                    report.cache_unstorable = cache.unstorable
+                cache.close()
             if self._resources is not None:
                 self._resources.close()
                 shutil.rmtree(self._resources.directory, ignore_errors=True)
@@ -1023,10 +1049,15 @@ class Engine:
                     if self.settings.key is not None
                     else _codec.digest(_codec.encode(item))
                 )
-            hit, value = cache.lookup(key)
         except Exception as error:
             self._fail_for_good(job, error, time.time(), 0.0)
             return False
+        try:
+            hit, value = cache.lookup(key)
+        except CacheError as error:
+            # A cache only saves work: an unreadable entry means running.
+            self._cache_failed(error)
+            hit, value = False, None
         if hit:
             self._cache_hit(job, value)
             return False
@@ -1075,14 +1106,19 @@ class Engine:
             return
         try:
             cache.resolve(job.cache_key, value)
-        except Exception as error:
+        except CacheError as error:
             # The value is in memory and the item succeeded; only the disk
             # copy is missing.
-            if not self._cache_error_logged:
-                self._cache_error_logged = True
-                log.warning(
-                    "run %s: writing the result cache failed: %s", self.run_id, error
-                )
+            self._cache_failed(error)
+
+    def _cache_failed(self, error: CacheError) -> None:
+        """Log the first failure of the cache's file; later ones are counted."""
+        self.report.cache_errors += 1
+        if self.report.cache_errors == 1:
+            cache_log.warning(
+                "%s; the run goes on, and items run when their value cannot be read",
+                error,
+            )
 
     async def _memory_allows(self, job: _Job) -> bool:
         """Wait until there is memory to start ``job``; false if it may not."""
@@ -1090,7 +1126,7 @@ class Engine:
         assert gate is not None and self._stopped is not None
         if gate.pauses > self._pauses_logged:
             self._pauses_logged = gate.pauses
-            log.warning("run %s admission %s", self.run_id, gate.reason())
+            memory_log.warning("run %s admission %s", self.run_id, gate.reason())
         while (delay := gate.admit()) > 0:
             await asyncio.wait([self._stopped], timeout=delay)
             if self._stopping is not None:
@@ -1098,7 +1134,9 @@ class Engine:
                 return False
         if self._resumes_logged < gate.pauses:
             self._resumes_logged = gate.pauses
-            log.info("run %s admission resumed: memory is available again", self.run_id)
+            memory_log.warning(
+                "run %s admission resumed: memory is available again", self.run_id
+            )
         return True
 
     async def _rate_allows(self, job: _Job) -> bool:
@@ -1217,6 +1255,16 @@ class Engine:
             job.lost_workers += 1
         if isinstance(error, Interrupted):
             self._cancelled(job, error.reason)
+            return
+        if isinstance(error, RunAbortedError):
+            # The backend cannot go on (its workers cannot start): the run
+            # stops, and the item waits for a resume rather than failing.
+            if self._aborted is None:
+                log.error("%s", error)
+                self._aborted = error
+                self._abort_message = str(error)
+            self.stop(str(error), cancel=True)
+            self._cancelled(job, str(error))
             return
         delay = self._retry_delay(job, error)
         if delay is None:

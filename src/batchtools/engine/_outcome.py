@@ -270,6 +270,10 @@ class Report:
         rate_limited: Attempts that had to wait for the rate limit.
         strategies: Items that succeeded per fallback strategy.
         cache_hits: Items whose value came from the result cache.
+        cache_errors: Reads and writes of the cache's file that failed; the
+            run went on without them.
+        cache_unstorable: Values that the cache's file could not take (they
+            need pickle), kept in memory only.
         concurrency_limits: For an adaptive concurrency, ``(seconds since
             the start, limit)`` at the start and at each change.
         circuit_transitions: Every change of a circuit breaker's state.
@@ -297,6 +301,8 @@ class Report:
     rate_limited: int = 0
     strategies: collections.Counter[str] = field(default_factory=collections.Counter)
     cache_hits: int = 0
+    cache_errors: int = 0
+    cache_unstorable: int = 0
     concurrency_limits: list[tuple[float, int]] = field(default_factory=list)
     circuit_transitions: list[Any] = field(default_factory=list)
     unnumbered: bool = False

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
-from batchtools._exceptions import ConfigurationError, JournalError
+from batchtools._exceptions import CacheError, ConfigurationError
 from batchtools.journal._journal import _NETWORK_FILESYSTEMS, _filesystem_type
 from batchtools.journal._schema import APPLICATION_ID as JOURNAL_APPLICATION_ID
 
@@ -302,17 +302,23 @@ class CacheStore:
     @contextlib.contextmanager
     def _translating(self, doing: str) -> Iterator[sqlite3.Connection]:
         if self._conn is None:
-            raise JournalError(
-                str(self.path), f"{doing} failed: the result cache is closed"
-            )
+            raise CacheError(str(self.path), f"{doing} failed: the cache is closed")
         try:
             yield self._conn
         except sqlite3.Error as error:
+            text = str(error).lower()
             hint = ""
-            if "full" in str(error).lower():
+            if "full" in text:
                 hint = "; free disk space, or give the cache a max_size"
-            raise JournalError(
-                str(self.path), f"{doing} in the result cache failed: {error}{hint}"
+            elif "locked" in text or "busy" in text:
+                hint = (
+                    "; another process holds the file, so wait for it or give "
+                    "this run another cache file"
+                )
+            elif "malformed" in text or "not a database" in text:
+                hint = "; the file is damaged, so delete it and the run fills it again"
+            raise CacheError(
+                str(self.path), f"{doing} failed: {error}{hint}"
             ) from error
 
 

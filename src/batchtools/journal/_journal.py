@@ -38,6 +38,7 @@ import psutil
 
 from batchtools import _codec
 from batchtools._exceptions import (
+    ConfigurationError,
     JournalError,
     JournalLockedError,
     JournalMismatchError,
@@ -326,10 +327,9 @@ def item_history(
                 sql.SELECT_ITEMS_BY_KEY_START, (pattern + "%",)
             ).fetchall()
             if len(rows) > 1:
-                raise JournalError(
-                    str(journal_path),
-                    f"several items have keys that start with {key!r}; give more "
-                    "of the key",
+                raise ConfigurationError(
+                    f"several items of journal {journal_path} have keys that "
+                    f"start with {key!r}; give more of the key"
                 )
             if not rows:
                 return None

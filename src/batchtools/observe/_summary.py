@@ -68,9 +68,7 @@ def summary_lines(
             f"Admission paused {report.memory_pauses} times for lack of memory, "
             f"for {format_duration(report.paused_seconds)} in all."
         )
-    if len(report.strategies) > 1 or (
-        report.strategies and report.counts["succeeded"] > report.strategies.total()
-    ):
+    if report.strategies:
         used = ", ".join(
             f"{name} {count}" for name, count in report.strategies.most_common()
         )
@@ -85,6 +83,16 @@ def summary_lines(
         lines.append(
             f"{report.cache_hits} of the succeeded items took their value from "
             "the result cache without running."
+        )
+    if report.cache_unstorable:
+        lines.append(
+            f"{report.cache_unstorable} values were kept in memory only, because "
+            "the cache file stores JSON data and they need pickle."
+        )
+    if report.cache_errors:
+        lines.append(
+            f"Reading or writing the result cache's file failed {report.cache_errors} "
+            "times; those values were not reused or not kept."
         )
     if report.rate_limited:
         lines.append(f"Attempts waited for the rate limit {report.rate_limited} times.")

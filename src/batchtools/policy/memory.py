@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
-from batchtools._exceptions import ConfigurationError
+from batchtools._exceptions import ConfigurationError, format_size
 from batchtools.policy._units import parse_size
 
 P = ParamSpec("P")
@@ -44,6 +44,13 @@ def available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def total_memory() -> int:
+    """Return the bytes of physical memory of this machine."""
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
 @dataclass(frozen=True, slots=True)
 class Memory:
     """Limits on memory use; see the module docstring.
@@ -55,6 +62,8 @@ class Memory:
         max_worker: Kill a process worker whose resident memory exceeds it.
         max_items_per_worker: Replace a process worker after this many items.
         available: Returns the available memory in bytes.
+        total: Returns the machine's memory in bytes; ``free`` above it
+            is rejected, because admission would never resume.
         clock: Returns the current time in seconds.
         check_every: Seconds between two readings of the available memory.
 
@@ -67,6 +76,7 @@ class Memory:
     max_worker: int | str | None = None
     max_items_per_worker: int | None = None
     available: Callable[[], int] = field(default=available_memory, repr=False)
+    total: Callable[[], int] = field(default=total_memory, repr=False)
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     check_every: float = 0.25
 
@@ -149,6 +159,13 @@ class Memory:
         if self.free is None:
             return None
         assert isinstance(self.free, int)
+        total = self.total()
+        if self.free > total:
+            raise ConfigurationError(
+                f"Memory free (--memfree) of {format_size(self.free)} is more than "
+                f"this machine's {format_size(total)} of memory, so no item would "
+                "ever start; give a smaller size"
+            )
         return MemoryGate(self.free, self.available, self.clock, self.check_every)
 
 

@@ -294,8 +294,9 @@ class ResourcePool(Generic[T]):
         The block receives an idle resource that passed ``check``. When none
         is idle, it receives a new one if the pool is below ``max_size``, and
         otherwise waits for one. On leaving the block the resource goes back
-        to the pool, even when the block raised or was cancelled, unless
-        `discard` was called on it.
+        to the pool, even when the block raised, unless `discard` was called
+        on it. A block that is cancelled (or interrupted) closes the resource
+        instead, because it may have stopped in the middle of an exchange.
 
         Raises:
             PoolTimeoutError: No resource was free within ``acquire_timeout``.
@@ -371,8 +372,18 @@ class ResourcePool(Generic[T]):
         resource = await self._get()
         try:
             yield resource
-        finally:
-            await self._put(resource)
+        except BaseException as error:
+            if isinstance(error, Exception):
+                await self._put(resource)
+            else:
+                # Cancelled (a timeout, say) or interrupted at an await, the
+                # resource may be in the middle of an exchange: close it
+                # rather than hand it to the next task.
+                self._discarded.discard(id(resource))
+                del self._in_use[id(resource)]
+                self._close_in_background(resource)
+            raise
+        await self._put(resource)
 
     async def _get(self) -> T:
         self._bind_loop()
@@ -478,6 +489,14 @@ class ResourcePool(Generic[T]):
             raise TypeError(
                 f"the factory of pool {self.name!r} returned None; it must return "
                 "the new resource"
+            )
+        if id(resource) in self._in_use or any(r is resource for r, _ in self._idle):
+            self._dispatch()
+            self._note_drained()
+            raise TypeError(
+                f"the factory of pool {self.name!r} returned a "
+                f"{type(resource).__name__} that the pool already holds; it must "
+                "return a new object each time"
             )
         self._in_use[id(resource)] = resource
         self._created_count += 1
