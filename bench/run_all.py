@@ -18,7 +18,9 @@ from pathlib import Path
 
 import async_journal
 import async_noop
+import graph_overhead
 import journal_resume
+import pipeline_memory
 import policy_overhead
 import process_cpu
 import shell_commands
@@ -44,6 +46,8 @@ WORKLOADS: list[Callable[[Config], WorkloadResult]] = [
     stream_memory.measure,
     journal_resume.measure,
     policy_overhead.measure,
+    graph_overhead.measure,
+    pipeline_memory.measure,
 ]
 
 

@@ -4,17 +4,20 @@ The tree, grouped by what the caller can do about each family::
 
     BatchtoolsError
     ├── ConfigurationError        fix the options, job file or task; nothing ran
-    │   └── TemplateError         a command template that cannot be rendered
+    │   ├── TemplateError         a command template that cannot be rendered
+    │   └── GraphCycleError       the tasks of a graph depend on each other in a cycle
     ├── JournalError              the journal cannot be used; committed work is kept
     │   ├── JournalLockedError    another live process holds the journal
     │   ├── JournalMismatchError  the journal belongs to a different run
     │   └── CacheError            the result cache file cannot be read or written
+    ├── QueueClosedError          a priority queue accepts no more items
     ├── RunAbortedError           the run could not go on (exit status 3)
     └── AttemptError              one attempt failed; kept in outcomes, never raised
         ├── AttemptTimeoutError   the attempt ran past its timeout
         ├── CircuitOpenError      a circuit breaker is open for the item's key
         ├── CommandFailedError    a command exited non-zero or died by a signal
         ├── FallbackError         every strategy of a fallback chain failed
+        ├── ItemsFailedError      more items of a graph task failed than it allows
         ├── MemoryLimitError      a worker process used more memory than allowed
         ├── PoolTimeoutError      no pooled resource was free within the timeout
         ├── WorkerLostError       the worker process died during the attempt
@@ -28,6 +31,7 @@ and each one pickles, so it crosses the process boundary intact.
 from __future__ import annotations
 
 import signal
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 
@@ -87,6 +91,46 @@ class CacheError(JournalError):
 
     def __str__(self) -> str:
         return f"result cache {self.path}: {self.message}"
+
+
+class GraphCycleError(ConfigurationError):
+    """The tasks' dependencies form a cycle, so no task of it could ever start.
+
+    Attributes:
+        cycle: The task names along the cycle, each needing the next, with
+            the first name repeated at the end.
+    """
+
+    def __init__(self, cycle: Sequence[Hashable]) -> None:
+        super().__init__(list(cycle))
+        self.cycle = list(cycle)
+
+    def __str__(self) -> str:
+        path = " -> ".join(
+            name if isinstance(name, str) else repr(name) for name in self.cycle
+        )
+        return (
+            f"the tasks form a cycle: {path} (each needs the next), so none of "
+            "them can start; remove one of these dependencies"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.cycle,))
+
+
+class QueueClosedError(BatchtoolsError, RuntimeError):
+    """An item was put into a priority queue that accepts no more items.
+
+    Attributes:
+        reason: Why the queue stopped accepting items.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"the priority queue accepts no more items: {self.reason}"
 
 
 class RunAbortedError(BatchtoolsError):
@@ -214,6 +258,41 @@ class PoolTimeoutError(AttemptError, TimeoutError):
             f"no resource of pool {self.pool!r} was free within {self.timeout:g} s "
             f"(all {self.size} in use); raise its max_size or acquire_timeout, "
             "or lower the concurrency"
+        )
+
+
+class ItemsFailedError(AttemptError):
+    """More items of a task over items failed than its ``allow_failures`` allows.
+
+    Attributes:
+        task: The task's name.
+        failed: Items that did not succeed (failed, skipped or cancelled).
+        total: Items that reached an outcome.
+        allowed: The allowance as text, such as ``"0 items"`` or ``"5%"``.
+        cause: The most common cause of failure, if any item failed.
+    """
+
+    def __init__(
+        self, task: str, failed: int, total: int, allowed: str, cause: str | None
+    ) -> None:
+        super().__init__(task, failed, total, allowed, cause)
+        self.task = task
+        self.failed = failed
+        self.total = total
+        self.allowed = allowed
+        self.cause = cause
+
+    def __str__(self) -> str:
+        text = (
+            f"{self.failed} of {self.total} items did not succeed "
+            f"(allow_failures permits {self.allowed})"
+        )
+        return f"{text}; most common cause: {self.cause}" if self.cause else text
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            type(self),
+            (self.task, self.failed, self.total, self.allowed, self.cause),
         )
 
 

@@ -259,3 +259,23 @@ def test_workers_end_when_the_cli_is_killed(tmp_path: Path) -> None:
             lambda: not any(psutil.pid_exists(pid) for pid in workers),
             "the worker processes to end after their parent was killed",
         )
+
+
+def test_priority_runs_every_item_and_warns_about_bad_values(tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("a 1\nb 5\nc x\nd 9\n")
+
+    options = ["-q", "--colsep", " ", "--priority", "{2}"]
+    result = run_cli(["run", *options, "echo", "{1}", "::::", "in.txt"], tmp_path)
+
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 0, stderr
+    assert sorted(result.stdout.decode().split()) == ["a", "b", "c", "d"]
+    assert "--priority='x' for item 2 of the input" in stderr
+    assert "the item runs last" in stderr
+
+
+def test_priority_aging_needs_priority(tmp_path: Path) -> None:
+    result = run_cli(["run", "--priority-aging", "1", "echo", ":::", "a"], tmp_path)
+
+    assert result.returncode == 2
+    assert b"--priority-aging needs --priority" in result.stderr

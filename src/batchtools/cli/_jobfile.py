@@ -61,6 +61,8 @@ class RunTable(_Strict):
     cache: str | None = None
     cache_ttl: str | float | int | None = None
     serialize_by: str | None = None
+    priority: str | None = None
+    priority_aging: float | int | None = None
 
     @field_validator("memfree", "mem_per_item", "max_memory")
     @classmethod
@@ -136,6 +138,7 @@ class JobFile(_Strict):
     input: InputTable = InputTable()
     task: TaskTable = TaskTable()
     tasks: dict[str, Any] | None = None
+    pipeline: dict[str, Any] | None = None
 
 
 def load_job_file(path: str) -> JobFile:
@@ -175,8 +178,8 @@ def load_job_file(path: str) -> JobFile:
         ) from None
     if job.tasks is not None:
         raise ConfigurationError(
-            f"job file {path!r} describes a graph of tasks ([tasks.*]); "
-            "'batchtools run' takes a single [task]"
+            f"job file {path!r} describes a graph of tasks ([tasks.*]); run it "
+            f"with 'batchtools graph {path}'"
         )
     sources = [
         name

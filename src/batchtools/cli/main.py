@@ -14,6 +14,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -112,12 +113,41 @@ class RunOptions:
     cache: str | None = None
     cache_ttl: str | None = None
     serialize_by: str | None = None
+    priority: str | None = None
+    priority_aging: float | None = None
 
 
 # -- the command group ------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """A command group that imports some commands only when they are used.
+
+    The graph, pipeline and recover commands pull in more of the library
+    than `run` needs, and every `batchtools run` would otherwise pay for it.
+    """
+
+    lazy_commands = {
+        "graph": "batchtools.cli._graph_command:graph_command",
+        "pipeline": "batchtools.cli._pipeline_command:pipeline_command",
+        "recover": "batchtools.cli._recover_command:recover_command",
+    }
+
+    def list_commands(self, context: click.Context) -> list[str]:
+        return sorted({*super().list_commands(context), *self.lazy_commands})
+
+    def get_command(self, context: click.Context, name: str) -> click.Command | None:
+        target = self.lazy_commands.get(name)
+        if target is None:
+            return super().get_command(context, name)
+        module_name, _, attribute = target.partition(":")
+        command: click.Command = getattr(
+            importlib.import_module(module_name), attribute
+        )
+        return command
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pybatchtools", prog_name="batchtools")
 def main() -> None:
     """Apply one command or Python function to many items, safely.
@@ -305,6 +335,20 @@ def main() -> None:
     "{//} for items in one folder; other items run in parallel.",
 )
 @click.option(
+    "--priority",
+    metavar="TEMPLATE",
+    default=None,
+    help="Start the item whose TEMPLATE renders the largest number first, such "
+    "as {2} for a second column, among the next 10,000 items read.",
+)
+@click.option(
+    "--priority-aging",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="With --priority, raise a waiting item's priority by this much a "
+    "second, so that low priorities still start.",
+)
+@click.option(
     "--cache",
     metavar="PATH",
     default=None,
@@ -367,6 +411,28 @@ def run_command(
     so every item reaches the command as one argument, exactly as given.
     """
     _setup_logging(options["verbose"], options["quiet"])
+    if options["job_file"]:
+        # Imported only here: the pipeline module loads the flow package.
+        from batchtools.cli._pipeline_command import (
+            is_pipeline_job,
+            run_pipeline_job,
+        )
+
+        if is_pipeline_job(options["job_file"]):
+            if words:
+                raise UsageError(
+                    f"job file {options['job_file']!r} describes a pipeline, which "
+                    "takes its stages from the file; drop the command words "
+                    f"{' '.join(words)!r}"
+                )
+            sys.exit(
+                run_pipeline_job(
+                    options["job_file"],
+                    quiet=bool(options["quiet"]),
+                    verbose=options["verbose"],
+                    keep_order=bool(options["keep_order"]),
+                )
+            )
     try:
         plan = _plan_run(context, list(words), options)
     except ConfigurationError as error:
@@ -627,6 +693,10 @@ def _plan_run(
         serialize_by=pick(
             "serialize_by", run_table.serialize_by if run_table else None, None
         ),
+        priority=pick("priority", run_table.priority if run_table else None, None),
+        priority_aging=pick(
+            "priority_aging", run_table.priority_aging if run_table else None, None
+        ),
         cache_ttl=_text(
             pick("cache_ttl", run_table.cache_ttl if run_table else None, None)
         ),
@@ -679,6 +749,10 @@ def _checked_plan(options: RunOptions, input_spec: InputSpec) -> Plan:
     options.jobs = _checked_jobs(options.jobs)
     if options.serialize_by is not None:
         _lock_key(options.serialize_by)
+    if options.priority is not None:
+        _render_text(options.priority, "--priority")
+    elif options.priority_aging is not None:
+        raise ConfigurationError("--priority-aging needs --priority TEMPLATE")
     if options.fallback and options.call is None:
         raise ConfigurationError(
             f"--fallback {options.fallback[0]!r} needs --call: a fallback chain "
@@ -800,14 +874,14 @@ def _as_text(item: Any) -> Any:
     return item
 
 
-def _lock_key(text: str) -> Callable[[Any], bytes]:
-    """Return the function that renders ``text`` (--serialize-by) for an item."""
+def _render_text(text: str, option: str) -> Callable[[Any], bytes]:
+    """Return the function that renders ``text`` (a template option) for an item."""
     from batchtools.backends._command import CommandTemplate
 
     template = CommandTemplate.parse([text])
     if not template.has_replacements or template.uses_seq or template.uses_slot:
         raise ConfigurationError(
-            f"--serialize-by {text!r} must contain a replacement string of the "
+            f"{option} {text!r} must contain a replacement string of the "
             "item, such as {} or {//}, and not {#} or {%}, which differ for "
             "every item"
         )
@@ -816,6 +890,38 @@ def _lock_key(text: str) -> Callable[[Any], bytes]:
         return b"\0".join(template.render([item], seq=0, slot=1))
 
     return render
+
+
+def _lock_key(text: str) -> Callable[[Any], bytes]:
+    """Return the function that renders ``text`` (--serialize-by) for an item."""
+    return _render_text(text, "--serialize-by")
+
+
+def _by_priority(items: Iterable[Any], options: RunOptions) -> Any:
+    """Return ``items`` reordered by --priority, the largest first.
+
+    An item whose priority is not a number runs last, with a warning; one
+    bad line should not stop a long run.
+    """
+    from batchtools.flow.queue import prioritized
+
+    assert options.priority is not None
+    render = _render_text(options.priority, "--priority")
+
+    def priority(item: Any) -> str:
+        return os.fsdecode(render(item))
+
+    def run_last(item: Any, error: ConfigurationError) -> float:
+        log.warning("%s; the item runs last", error)
+        return -math.inf
+
+    return prioritized(
+        items,
+        priority=priority,
+        aging=options.priority_aging,
+        on_invalid=run_last,
+        name="--priority",
+    )
 
 
 def _checked_jobs(value: int | str | None) -> int | str | None:
@@ -874,6 +980,8 @@ def _execute(
         _check_results_folder(options.results)
     items, journal_rows, rerun = _sources(plan, mode, journal_path)
     items = _check_first_item(items, plan)
+    if options.priority is not None and journal_rows is None:
+        items = _by_priority(items, options)
     journal = _open_journal(job, mode, journal_path, flags)
     progress = None
     console: Any = None
@@ -987,6 +1095,9 @@ def _prepare(plan: Plan, *, open_cache: bool = True) -> Any:
             lock_key=(
                 _lock_key(options.serialize_by) if options.serialize_by else None
             ),
+            # The next item to start is chosen when a worker is free, so
+            # that a later item with a higher priority can go first.
+            read_ahead=0 if options.priority is not None else None,
             setup=_import_function(options.setup, "--setup") if options.setup else None,
             teardown=(
                 _import_function(options.teardown, "--teardown")

@@ -112,6 +112,7 @@ def prepare(
     spec: Mapping[str, Any] | None = None,
     setup: Callable[[], Any] | None = None,
     teardown: Callable[[Any], Any] | None = None,
+    read_ahead: int | None = None,
 ) -> Job:
     """Check the options and build the backend for ``task``.
 
@@ -156,6 +157,7 @@ def prepare(
         breakers=chosen_policies.breakers,
         memory_gate=memory.gate() if memory is not None else None,
         concurrency_limiter=limit.limiter() if limit.is_adaptive else None,
+        read_ahead=read_ahead,
         ordered=ordered,
         collect=collect,
         key=key,
@@ -179,6 +181,7 @@ def prepare(
         and settings.breakers is None
         and settings.memory_gate is None
         and settings.concurrency_limiter is None
+        and read_ahead != 0
     )
     made = _make_backend(
         task,

@@ -33,7 +33,7 @@ import uuid
 from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from batchtools import _codec
 from batchtools._exceptions import (
@@ -57,7 +57,6 @@ from batchtools.engine._outcome import (
     State,
     format_error,
 )
-from batchtools.flow.locks import RunResources, open_run_resources
 from batchtools.journal import ItemRow, Journal
 from batchtools.policy.cache import ResultCache
 from batchtools.policy.circuit_breaker import Breakers, BreakerState
@@ -66,6 +65,9 @@ from batchtools.policy.fallback import FallbackValue
 from batchtools.policy.memory import MemoryGate
 from batchtools.policy.rate_limit import RateLimiter
 from batchtools.policy.retry import NO_RETRY, Retry
+
+if TYPE_CHECKING:
+    from batchtools.flow.locks import RunResources
 
 log = logging.getLogger("batchtools.engine")
 retry_log = logging.getLogger("batchtools.retry")
@@ -574,7 +576,13 @@ class Engine:
                 if self._refill is None:
                     self._start_fill()
                 assert self._refill is not None
-                await asyncio.shield(self._refill)
+                # A retry whose backoff ends while a slow source is read must
+                # not wait for the next item: wake on either.
+                if self._wakeup is None or self._wakeup.done():
+                    self._wakeup = asyncio.get_running_loop().create_future()
+                await asyncio.wait(
+                    [self._refill, self._wakeup], return_when=FIRST_COMPLETED
+                )
 
     def _window_full(self) -> bool:
         if self._backlog is not None and self._backlog() >= self._backlog_limit:
@@ -1531,6 +1539,10 @@ class Engine:
 
 def _open_resources() -> RunResources:
     """Make the keyed lock and shared store of one run, in a private folder."""
+    # Imported here: flow is built on the engine, so the engine cannot
+    # import it while the package loads.
+    from batchtools.flow.locks import open_run_resources
+
     return open_run_resources(tempfile.mkdtemp(prefix="batchtools-run-"))
 
 

@@ -4,6 +4,7 @@ Each runs on the engine, so it gets the engine's policies, backends,
 journal and report.
 """
 
+from batchtools.flow.graph import Graph, GraphReport, TaskResult
 from batchtools.flow.locks import (
     KeyedLock,
     LockStatistics,
@@ -11,11 +12,48 @@ from batchtools.flow.locks import (
     SharedState,
     open_run_resources,
 )
+from batchtools.flow.pipeline import (
+    Pipeline,
+    PipelineOutcome,
+    PipelineReport,
+    Stage,
+    StageReport,
+)
+from batchtools.flow.queue import (
+    PriorityQueue,
+    QueueStatistics,
+    SyncPriorityQueue,
+    prioritized,
+)
+from batchtools.flow.transaction import (
+    Step,
+    StepContext,
+    Transaction,
+    TransactionReport,
+    TransactionStatus,
+)
 
 __all__ = [
+    "Graph",
+    "GraphReport",
     "KeyedLock",
     "LockStatistics",
+    "Pipeline",
+    "PipelineOutcome",
+    "PipelineReport",
+    "PriorityQueue",
+    "QueueStatistics",
     "RunResources",
     "SharedState",
+    "Stage",
+    "StageReport",
+    "Step",
+    "StepContext",
+    "SyncPriorityQueue",
+    "TaskResult",
+    "Transaction",
+    "TransactionReport",
+    "TransactionStatus",
     "open_run_resources",
+    "prioritized",
 ]
