@@ -215,3 +215,31 @@ def test_journal_and_cache_on_one_file_exit_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert b"--journal and --cache both name" in result.stderr
     assert not (tmp_path / "same.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        (["--priority", "{}", "--priority-aging", "nan"], "finite number"),
+        (["--priority", "{}", "--priority-aging", "inf"], "finite number"),
+        (["--serialize-by", ""], "--serialize-by is empty"),
+        (["--priority", " "], "--priority is empty"),
+    ],
+)
+def test_flow_options_are_checked(
+    tmp_path: Path, options: list[str], fragment: str
+) -> None:
+    result = run_cli(["run", *options, "echo", ":::", "a"], tmp_path)
+
+    assert result.returncode == 2, result.stderr.decode(errors="replace")
+    assert fragment in result.stderr.decode()
+
+
+def test_graph_journal_that_is_a_folder_exits_2(tmp_path: Path) -> None:
+    job = tmp_path / "graph.toml"
+    job.write_text('[tasks.a]\ncommand = ["true"]\n')
+
+    result = run_cli(["graph", "--journal", str(tmp_path), str(job)], tmp_path)
+
+    assert result.returncode == 2
+    assert b"is a folder" in result.stderr

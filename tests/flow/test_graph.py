@@ -597,3 +597,31 @@ def test_critical_path_weighs_estimates() -> None:
     assert path.tasks == ["a", "long"]
     assert path.length == 301.0
     assert path.by_estimate
+
+
+def test_task_that_ends_during_a_stop_counts_as_done(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    journal = tmp_path / "graph.db"
+    runs: list[str] = []
+
+    def interrupt_then_finish() -> str:
+        runs.append("ran")
+        # The first SIGINT lets running tasks finish; this one does.
+        os.kill(os.getpid(), signal.SIGINT)
+        return "done"
+
+    def build() -> Graph:
+        graph = Graph()
+        # With its own retry policy the task runs on an engine of its own.
+        graph.add("only", interrupt_then_finish, retry=1)
+        return graph
+
+    first = build().run(journal=journal, handle_signals=True)
+    second = build().run(journal=journal)
+
+    assert first.tasks["only"].state is State.SUCCEEDED
+    assert first.tasks["only"].value == "done"
+    assert second.tasks["only"].state is State.SUCCEEDED
+    assert runs == ["ran"]

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import signal
 import sys
-import tomllib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -44,7 +44,16 @@ from batchtools._exceptions import (
 from batchtools.backends._base import TaskSpec
 from batchtools.backends._command import CommandTemplate
 from batchtools.cli._inputs import InputSpec
-from batchtools.cli._jobfile import InputTable, _Strict
+from batchtools.cli._jobfile import (
+    Count,
+    Duration,
+    InputTable,
+    Jobs,
+    Retries,
+    _Strict,
+    read_toml,
+    schema_error,
+)
 from batchtools.cli._output import OutputWriter
 from batchtools.cli.main import (
     _SIGNAL_EXIT,
@@ -66,22 +75,13 @@ from batchtools.engine._outcome import Outcome, Report, State
 from batchtools.flow._graph_plan import Allowance, task_key
 from batchtools.flow.graph import Graph, GraphReport, Task, summary_lines
 from batchtools.observe._summary import format_duration
-from batchtools.policy._units import parse_duration
-from batchtools.policy.concurrency import Concurrency
 
 
 class GraphRunTable(_Strict):
     """The optional ``[run]`` table of a graph job file."""
 
-    jobs: int | None = None
+    jobs: Count = None
     journal: str | None = None
-
-    @field_validator("jobs")
-    @classmethod
-    def _at_least_one(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("must be at least 1")
-        return value
 
 
 class GraphTaskTable(_Strict):
@@ -93,46 +93,12 @@ class GraphTaskTable(_Strict):
     shell: bool = False
     input: InputTable | None = None
     backend: str | None = None
-    jobs: int | str | None = None
-    max_args: int | None = None
-    retries: int | None = None
-    timeout: str | float | int | None = None
+    jobs: Jobs = None
+    max_args: Count = None
+    retries: Retries = None
+    timeout: Duration = None
     allow_failures: bool | int | str | None = None
-    estimate: str | float | int | None = None
-
-    @field_validator("jobs")
-    @classmethod
-    def _jobs(cls, value: int | str | None) -> int | str | None:
-        if value is not None:
-            try:
-                Concurrency.parse(value, name="jobs")
-            except ConfigurationError as error:
-                raise ValueError(str(error)) from None
-        return value
-
-    @field_validator("max_args")
-    @classmethod
-    def _at_least_one(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("must be at least 1")
-        return value
-
-    @field_validator("retries")
-    @classmethod
-    def _not_negative(cls, value: int | None) -> int | None:
-        if value is not None and value < 0:
-            raise ValueError("must be 0 or more")
-        return value
-
-    @field_validator("timeout", "estimate")
-    @classmethod
-    def _duration(cls, value: str | float | None) -> str | float | None:
-        if value is not None:
-            try:
-                parse_duration(value, name="duration")
-            except ConfigurationError as error:
-                raise ValueError(str(error)) from None
-        return value
+    estimate: Duration = None
 
     @field_validator("allow_failures")
     @classmethod
@@ -160,17 +126,7 @@ def load_graph_file(path: str) -> GraphFile:
         ConfigurationError: The file is unreadable, not TOML, or does not
             match the schema; the message names the file and the key.
     """
-    try:
-        with open(path, "rb") as stream:
-            data = tomllib.load(stream)
-    except OSError as error:
-        raise ConfigurationError(
-            f"cannot read the job file {path!r}: {error.strerror}"
-        ) from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigurationError(
-            f"job file {path!r} is not valid TOML: {error}"
-        ) from None
+    data = read_toml(path)
     if "tasks" not in data:
         raise ConfigurationError(
             f"job file {path!r} has no [tasks.NAME] tables; a job file with a "
@@ -179,26 +135,7 @@ def load_graph_file(path: str) -> GraphFile:
     try:
         return GraphFile.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        # Leave out the type alternatives pydantic adds to the location.
-        parts = [
-            str(p)
-            for p in first["loc"]
-            if not str(p).startswith(("list[", "str", "int", "bool", "float"))
-        ]
-        where = ".".join(parts)
-        if first["type"] == "extra_forbidden":
-            raise ConfigurationError(
-                f"job file {path!r}: unknown key {where!r}; check its spelling"
-            ) from None
-        if first["type"] == "missing":
-            raise ConfigurationError(
-                f"job file {path!r}: missing key {where!r}"
-            ) from None
-        given = first.get("input")
-        raise ConfigurationError(
-            f"job file {path!r}: invalid value {given!r} for {where}: {first['msg']}"
-        ) from None
+        raise schema_error(path, error) from None
 
 
 def build_graph(path: str, job_file: GraphFile) -> Graph:
@@ -448,6 +385,11 @@ class _GraphOutput:
 def _execute(
     graph: Graph, jobs: int | None, journal: str | None, force: bool, quiet: bool
 ) -> NoReturn:
+    if journal is not None and Path(journal).is_dir():
+        raise UsageError(
+            f"--journal {journal!r} is a folder; give a file path inside it, such "
+            f"as {str(Path(journal) / 'graph.db')!r}"
+        )
     output = _GraphOutput(graph)
     aborted: BaseException | None = None
     report: GraphReport | None = None

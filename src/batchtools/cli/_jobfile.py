@@ -22,9 +22,10 @@ variables override the file.
 from __future__ import annotations
 
 import tomllib
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from batchtools._exceptions import ConfigurationError
 from batchtools.policy._units import parse_duration, parse_size
@@ -35,80 +36,126 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _checked(check: Callable[[Any], object]) -> AfterValidator:
+    """Run ``check`` on a value that is set; its error becomes pydantic's."""
+
+    def validate(value: Any) -> Any:
+        if value is not None:
+            try:
+                check(value)
+            except ConfigurationError as error:
+                raise ValueError(str(error)) from None
+        return value
+
+    return AfterValidator(validate)
+
+
+def _at_least_one(value: int) -> None:
+    if value < 1:
+        raise ConfigurationError("must be at least 1")
+
+
+def _not_negative(value: int) -> None:
+    if value < 0:
+        raise ConfigurationError("must be 0 or more")
+
+
+# Value types that job files share: `batchtools run`, graphs, pipelines
+# and transactions check them the same way.
+Jobs = Annotated[
+    int | str | None, _checked(lambda value: Concurrency.parse(value, name="jobs"))
+]
+Count = Annotated[int | None, _checked(_at_least_one)]
+Retries = Annotated[int | None, _checked(_not_negative)]
+Duration = Annotated[
+    str | float | int | None,
+    _checked(lambda value: parse_duration(value, name="duration")),
+]
+Size = Annotated[
+    str | int | None, _checked(lambda value: parse_size(value, name="size"))
+]
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """Read the job file at ``path``.
+
+    Raises:
+        ConfigurationError: The file is unreadable or not TOML.
+    """
+    try:
+        with open(path, "rb") as stream:
+            return tomllib.load(stream)
+    except OSError as error:
+        raise ConfigurationError(
+            f"cannot read the job file {path!r}: {error.strerror}"
+        ) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigurationError(
+            f"job file {path!r} is not valid TOML: {error}"
+        ) from None
+
+
+def schema_error(
+    path: str, error: ValidationError, prefix: Sequence[str] = ()
+) -> ConfigurationError:
+    """Return the one-line error for the first problem pydantic found.
+
+    Args:
+        path: The job file.
+        error: What validation raised.
+        prefix: The table the validated data came from, such as
+            ``("transaction",)``, to name keys in full.
+    """
+    first = error.errors()[0]
+    # Leave out the type alternatives pydantic adds to the location.
+    parts = [*prefix] + [
+        str(part)
+        for part in first["loc"]
+        if not str(part).startswith(
+            ("list[", "str", "int", "bool", "float", "function-after")
+        )
+    ]
+    where = ".".join(parts)
+    if first["type"] == "extra_forbidden":
+        return ConfigurationError(
+            f"job file {path!r}: unknown key {where!r}; check its spelling"
+        )
+    if first["type"] == "missing":
+        return ConfigurationError(f"job file {path!r}: {where!r} is missing; add it")
+    return ConfigurationError(
+        f"job file {path!r}: invalid value {first.get('input')!r} for {where}: "
+        f"{first['msg']}"
+    )
+
+
 class RunTable(_Strict):
     """The ``[run]`` table: options of `batchtools run`."""
 
-    jobs: int | str | None = None
+    jobs: Jobs = None
     journal: str | None = None
-    retries: int | None = None
-    timeout: str | float | int | None = None
+    retries: Retries = None
+    timeout: Duration = None
     keep_order: bool | None = None
     halt: str | None = None
     rate: str | None = None
     breaker: str | None = None
-    breaker_reset: str | float | int | None = None
-    deadline: str | float | int | None = None
-    item_deadline: str | float | int | None = None
+    breaker_reset: Duration = None
+    deadline: Duration = None
+    item_deadline: Duration = None
     results: str | None = None
     shell: bool | None = None
-    max_args: int | None = None
+    max_args: Count = None
     colsep: str | None = None
     null: bool | None = None
-    memfree: str | int | None = None
-    mem_per_item: str | int | None = None
-    max_memory: str | int | None = None
-    max_items_per_worker: int | None = None
+    memfree: Size = None
+    mem_per_item: Size = None
+    max_memory: Size = None
+    max_items_per_worker: Count = None
     cache: str | None = None
-    cache_ttl: str | float | int | None = None
+    cache_ttl: Duration = None
     serialize_by: str | None = None
     priority: str | None = None
     priority_aging: float | int | None = None
-
-    @field_validator("memfree", "mem_per_item", "max_memory")
-    @classmethod
-    def _size(cls, value: str | int | None) -> str | int | None:
-        if value is not None:
-            try:
-                parse_size(value, name="size")
-            except ConfigurationError as error:
-                raise ValueError(str(error)) from None
-        return value
-
-    @field_validator("max_args", "max_items_per_worker")
-    @classmethod
-    def _at_least_one(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("must be at least 1")
-        return value
-
-    @field_validator("jobs")
-    @classmethod
-    def _jobs(cls, value: int | str | None) -> int | str | None:
-        if value is not None:
-            try:
-                Concurrency.parse(value, name="jobs")
-            except ConfigurationError as error:
-                raise ValueError(str(error)) from None
-        return value
-
-    @field_validator("retries")
-    @classmethod
-    def _not_negative(cls, value: int | None) -> int | None:
-        if value is not None and value < 0:
-            raise ValueError("must be 0 or more")
-        return value
-
-    @field_validator(
-        "timeout", "deadline", "item_deadline", "breaker_reset", "cache_ttl"
-    )
-    @classmethod
-    def _duration(cls, value: str | float | None) -> str | float | None:
-        if value is not None:
-            try:
-                parse_duration(value, name="duration")
-            except ConfigurationError as error:
-                raise ValueError(str(error)) from None
-        return value
 
 
 class InputTable(_Strict):
@@ -148,34 +195,11 @@ def load_job_file(path: str) -> JobFile:
         ConfigurationError: The file is unreadable, not TOML, or does not
             match the schema; the message names the file and the key.
     """
-    try:
-        with open(path, "rb") as stream:
-            data = tomllib.load(stream)
-    except OSError as error:
-        raise ConfigurationError(
-            f"cannot read the job file {path!r}: {error.strerror}"
-        ) from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigurationError(
-            f"job file {path!r} is not valid TOML: {error}"
-        ) from None
+    data = read_toml(path)
     try:
         job = JobFile.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        # Leave out the type alternatives pydantic adds to the location.
-        parts = [
-            str(p) for p in first["loc"] if not str(p).startswith(("list[", "str"))
-        ]
-        where = ".".join(parts)
-        if first["type"] == "extra_forbidden":
-            raise ConfigurationError(
-                f"job file {path!r}: unknown key {where!r}; check its spelling"
-            ) from None
-        given = first.get("input")
-        raise ConfigurationError(
-            f"job file {path!r}: invalid value {given!r} for {where}: {first['msg']}"
-        ) from None
+        raise schema_error(path, error) from None
     if job.tasks is not None:
         raise ConfigurationError(
             f"job file {path!r} describes a graph of tasks ([tasks.*]); run it "

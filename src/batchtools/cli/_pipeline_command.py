@@ -44,12 +44,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from batchtools._exceptions import ConfigurationError, RunAbortedError
 from batchtools.backends._command import CommandTemplate
 from batchtools.backends._subprocess import CommandResult
 from batchtools.cli._inputs import InputSpec, Source
+from batchtools.cli._jobfile import Duration, Jobs, Retries, read_toml, schema_error
 from batchtools.cli._output import OutputWriter
 from batchtools.cli.main import (
     EXIT_USAGE,
@@ -64,8 +65,6 @@ from batchtools.cli.main import (
 from batchtools.engine._outcome import Outcome, Report, State
 from batchtools.flow.pipeline import Pipeline, PipelineReport, Stage
 from batchtools.observe._summary import summary_lines
-from batchtools.policy._units import parse_duration
-from batchtools.policy.concurrency import Concurrency
 
 if TYPE_CHECKING:
     from batchtools.cli._jobfile import JobFile, RunTable
@@ -87,37 +86,10 @@ class StageTable(BaseModel):
     name: str | None = None
     command: str | list[str] | None = None
     call: str | None = None
-    jobs: int | str | None = None
+    jobs: Jobs = None
     backend: str | None = None
-    retries: int | None = None
-    timeout: str | float | int | None = None
-
-    @field_validator("jobs")
-    @classmethod
-    def _jobs(cls, value: int | str | None) -> int | str | None:
-        if value is not None:
-            try:
-                Concurrency.parse(value, name="jobs")
-            except ConfigurationError as error:
-                raise ValueError(str(error)) from None
-        return value
-
-    @field_validator("retries")
-    @classmethod
-    def _retries(cls, value: int | None) -> int | None:
-        if value is not None and value < 0:
-            raise ValueError("must be 0 or more")
-        return value
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout(cls, value: str | float | None) -> str | float | None:
-        if value is not None:
-            try:
-                parse_duration(value, name="timeout")
-            except ConfigurationError as error:
-                raise ValueError(str(error)) from None
-        return value
+    retries: Retries = None
+    timeout: Duration = None
 
 
 class PipelineTable(BaseModel):
@@ -165,17 +137,7 @@ def load_pipeline_job(path: str) -> tuple[JobFile, PipelineTable]:
     """
     from batchtools.cli._jobfile import JobFile
 
-    try:
-        with open(path, "rb") as stream:
-            data = tomllib.load(stream)
-    except OSError as error:
-        raise ConfigurationError(
-            f"cannot read the job file {path!r}: {error.strerror}"
-        ) from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigurationError(
-            f"job file {path!r} is not valid TOML: {error}"
-        ) from None
+    data = read_toml(path)
     table = data.pop("pipeline", None)
     if table is None:
         raise ConfigurationError(f"job file {path!r} has no [pipeline] table")
@@ -194,21 +156,7 @@ def _validated(model: type[_Model], data: Any, path: str, prefix: str) -> _Model
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        # Leave out the type alternatives pydantic adds to the location.
-        parts = [prefix] if prefix else []
-        parts.extend(
-            str(p) for p in first["loc"] if not str(p).startswith(("list[", "str"))
-        )
-        where = ".".join(parts)
-        if first["type"] == "extra_forbidden":
-            raise ConfigurationError(
-                f"job file {path!r}: unknown key {where!r}; check its spelling"
-            ) from None
-        raise ConfigurationError(
-            f"job file {path!r}: invalid value {first.get('input')!r} for {where}: "
-            f"{first['msg']}"
-        ) from None
+        raise schema_error(path, error, [prefix] if prefix else []) from None
 
 
 def plan_pipeline_job(path: str, *, keep_order: bool = False) -> PipelinePlan:

@@ -344,6 +344,7 @@ def main() -> None:
 @click.option(
     "--priority-aging",
     type=click.FloatRange(min=0),
+    callback=lambda context, parameter, value: _finite(value, "--priority-aging"),
     default=None,
     help="With --priority, raise a waiting item's priority by this much a "
     "second, so that low priorities still start.",
@@ -412,11 +413,29 @@ def run_command(
     """
     _setup_logging(options["verbose"], options["quiet"])
     if options["job_file"]:
-        # Imported only here: the pipeline module loads the flow package.
+        # Imported only here: these modules load the flow package.
         from batchtools.cli._pipeline_command import (
             is_pipeline_job,
             run_pipeline_job,
         )
+        from batchtools.cli._transaction_command import (
+            is_transaction_job,
+            run_transaction_job,
+        )
+
+        if is_transaction_job(options["job_file"]):
+            if words:
+                raise UsageError(
+                    f"job file {options['job_file']!r} describes a transaction, "
+                    f"which takes its steps from the file; drop {' '.join(words)!r}"
+                )
+            sys.exit(
+                run_transaction_job(
+                    options["job_file"],
+                    quiet=bool(options["quiet"]),
+                    verbose=options["verbose"],
+                )
+            )
 
         if is_pipeline_job(options["job_file"]):
             if words:
@@ -874,10 +893,21 @@ def _as_text(item: Any) -> Any:
     return item
 
 
+def _finite(value: float | None, option: str) -> float | None:
+    """Reject NaN and infinity for a numeric option."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{option} {value!r} must be a finite number")
+    return value
+
+
 def _render_text(text: str, option: str) -> Callable[[Any], bytes]:
     """Return the function that renders ``text`` (a template option) for an item."""
     from batchtools.backends._command import CommandTemplate
 
+    if not text.strip():
+        raise ConfigurationError(
+            f"{option} is empty; give a template of the item, such as '{{//}}'"
+        )
     template = CommandTemplate.parse([text])
     if not template.has_replacements or template.uses_seq or template.uses_slot:
         raise ConfigurationError(

@@ -561,7 +561,10 @@ def summary_lines(report: GraphReport, *, limit: int = 10) -> list[str]:
         for name, count in counts.items()
         if count or name in ("succeeded", "failed")
     ]
-    lines = [f"{total} tasks: {', '.join(parts)} in {format_duration(report.duration)}"]
+    noun = "task" if total == 1 else "tasks"
+    lines = [
+        f"{total} {noun}: {', '.join(parts)} in {format_duration(report.duration)}"
+    ]
     carried = sum(1 for r in report.tasks.values() if r.source == "journal")
     if carried:
         lines.append(

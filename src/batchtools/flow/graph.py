@@ -606,7 +606,11 @@ class _GraphRun:
         if task.has_items:
             result.report = report
         if report.interrupted:
-            raise Interrupted(self.stopping or "the task's run was interrupted")
+            # A single operation that ended before the stop took effect is
+            # done, and must not run again on resume.
+            done = not task.has_items and report.counts["succeeded"] == 1
+            if not done:
+                raise Interrupted(self.stopping or "the task's run was interrupted")
         if task.has_items:
             _judge(task, report)
             return None
