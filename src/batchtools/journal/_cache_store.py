@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
-from batchtools._exceptions import CacheError, ConfigurationError
-from batchtools.journal._journal import _NETWORK_FILESYSTEMS, _filesystem_type
+from batchtools._exceptions import CacheError
+from batchtools.journal import _sqlite_file as sqlite_file
 from batchtools.journal._schema import APPLICATION_ID as JOURNAL_APPLICATION_ID
 
 APPLICATION_ID = 0x62746361  # "btca": marks the file as a batchtools result cache
@@ -43,6 +43,8 @@ transaction. LRU eviction does not need finer times than this.
 # WAL lets processes read while another writes. synchronous=NORMAL skips
 # the fsync at each commit: a power loss may drop the last entries, which
 # only costs running those items again, and the file stays consistent.
+_WHAT = "result cache"  # how messages name the file
+
 PRAGMAS = (
     f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
     "PRAGMA journal_mode=WAL",
@@ -149,15 +151,15 @@ class CacheStore:
         """
         cache_path = Path(path).expanduser()
         _check_path(cache_path)
-        _create_file(cache_path)
+        sqlite_file.create_file(cache_path, _WHAT, make_folder=True)
         try:
             conn = sqlite3.connect(
                 cache_path, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as error:
-            raise _open_error(cache_path, error) from error
+            raise sqlite_file.open_error(cache_path, _WHAT, error) from error
         try:
-            _prepare(cache_path, conn)
+            sqlite_file.prepare(cache_path, conn, _WHAT, PRAGMAS, _check_identity)
         except BaseException:
             conn.close()
             raise
@@ -260,7 +262,7 @@ class CacheStore:
                 conn.execute(DELETE_KEYS, (json.dumps(victims),))
                 conn.execute("COMMIT")
             except BaseException:
-                _roll_back(conn)
+                sqlite_file.roll_back(conn)
                 raise
         return len(victims)
 
@@ -330,69 +332,24 @@ def _check_path(path: Path) -> None:
         # reports the second case.
         info = None
     except OSError as error:
-        raise _path_error(path, f"it cannot be read ({error.strerror})") from error
+        raise sqlite_file.path_error(
+            path, _WHAT, f"it cannot be read ({error.strerror})"
+        ) from error
     if info is not None and stat.S_ISLNK(info.st_mode):
-        raise _path_error(
-            path, "it is a symbolic link; give the real file's path instead"
+        raise sqlite_file.path_error(
+            path, _WHAT, "it is a symbolic link; give the real file's path instead"
         )
     if info is not None and stat.S_ISDIR(info.st_mode):
-        raise _path_error(
+        raise sqlite_file.path_error(
             path,
+            _WHAT,
             "it is a directory; give the path of a file inside it, such as "
             f"'{path / 'cache.db'}'",
         )
     if info is not None and not stat.S_ISREG(info.st_mode):
-        raise _path_error(path, "it is not a regular file; give a file path")
-
-
-def _create_file(path: Path) -> None:
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as error:
-        raise _path_error(
-            path,
-            f"its folder cannot be created ({error.strerror}); give a path in "
-            "a folder you can write to",
-        ) from error
-    fstype = _filesystem_type(path.parent)
-    if fstype in _NETWORK_FILESYSTEMS:
-        raise _path_error(
-            path,
-            f"it is on a network filesystem ({fstype}), where SQLite's WAL mode "
-            "does not work; put the cache on a local disk",
+        raise sqlite_file.path_error(
+            path, _WHAT, "it is not a regular file; give a file path"
         )
-    # Open it here rather than leave it to SQLite, whose error for a file
-    # it cannot write is a bare "unable to open database file".
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    except OSError as error:
-        raise _path_error(
-            path,
-            f"it cannot be opened for writing ({error.strerror}); give a path in "
-            "a folder you can write to",
-        ) from error
-    os.close(fd)
-
-
-def _prepare(path: Path, conn: sqlite3.Connection) -> None:
-    try:
-        for pragma in PRAGMAS:
-            conn.execute(pragma)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            _check_identity(path, conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            _roll_back(conn)
-            raise
-    except sqlite3.Error as error:
-        raise _open_error(path, error) from error
-
-
-def _roll_back(conn: sqlite3.Connection) -> None:
-    # SQLite may already have rolled back, for example after a disk full error.
-    if conn.in_transaction:
-        conn.execute("ROLLBACK")
 
 
 def _check_identity(path: Path, conn: sqlite3.Connection) -> None:
@@ -403,35 +360,20 @@ def _check_identity(path: Path, conn: sqlite3.Connection) -> None:
             conn.execute(statement)
         return
     if application_id == JOURNAL_APPLICATION_ID:
-        raise _path_error(
-            path, "it is a run journal, not a result cache; give another path"
+        raise sqlite_file.path_error(
+            path, _WHAT, "it is a run journal, not a result cache; give another path"
         )
     if application_id != APPLICATION_ID:
-        raise _path_error(
+        raise sqlite_file.path_error(
             path,
+            _WHAT,
             "it is an SQLite file but not a batchtools result cache; give another path",
         )
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
-        raise _path_error(
+        raise sqlite_file.path_error(
             path,
+            _WHAT,
             f"it has schema version {version}, newer than this batchtools "
             f"supports ({SCHEMA_VERSION}); upgrade batchtools or give another path",
         )
-
-
-def _open_error(path: Path, error: sqlite3.Error) -> ConfigurationError:
-    text = str(error)
-    if "not a database" in text or "malformed" in text:
-        return _path_error(
-            path, f"it is not a usable SQLite file ({text}); give another path"
-        )
-    return _path_error(
-        path,
-        f"opening it failed ({text}); the file and its folder must be writable, "
-        "because SQLite adds -wal and -shm files next to it",
-    )
-
-
-def _path_error(path: Path, reason: str) -> ConfigurationError:
-    return ConfigurationError(f"invalid result cache path '{path}': {reason}")

@@ -28,7 +28,7 @@ from typing import Any
 
 from batchtools import _codec
 from batchtools._exceptions import ConfigurationError, JournalError
-from batchtools.journal._journal import _NETWORK_FILESYSTEMS, _filesystem_type
+from batchtools.journal import _sqlite_file as sqlite_file
 
 APPLICATION_ID = 0x62747373  # "btss": marks the file as a batchtools state store
 SCHEMA_VERSION = 1
@@ -36,6 +36,8 @@ SCHEMA_VERSION = 1
 # synchronous=NORMAL skips the fsync at each commit in WAL mode. A power
 # loss may drop the last writes, and the file stays consistent. The store
 # contains scratch state of one run, which is not worth an fsync per write.
+_WHAT = "shared state"  # how messages name the file
+
 PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=NORMAL",
@@ -104,7 +106,7 @@ class StateStore:
                 it is an SQLite file of another kind or a newer version.
         """
         _check_path(path)
-        _create_file(path)
+        sqlite_file.create_file(path, _WHAT, make_folder=False)
         try:
             conn = sqlite3.connect(
                 path,
@@ -113,9 +115,9 @@ class StateStore:
                 check_same_thread=False,
             )
         except sqlite3.Error as error:
-            raise _open_error(path, error) from error
+            raise sqlite_file.open_error(path, _WHAT, error) from error
         try:
-            _prepare(path, conn)
+            sqlite_file.prepare(path, conn, _WHAT, PRAGMAS, _check_identity)
         except BaseException:
             conn.close()
             raise
@@ -174,7 +176,7 @@ class StateStore:
                 conn.execute(UPSERT_VALUE, (key, text))
                 conn.execute("COMMIT")
             except BaseException:
-                _roll_back(conn)
+                sqlite_file.roll_back(conn)
                 raise
 
     def items(self) -> list[tuple[str, str]]:
@@ -552,49 +554,17 @@ def _check_path(path: Path) -> None:
     except FileNotFoundError:
         return
     except OSError as error:
-        raise _path_error(path, f"it cannot be read ({error.strerror})") from error
+        raise sqlite_file.path_error(
+            path, _WHAT, f"it cannot be read ({error.strerror})"
+        ) from error
     if stat.S_ISLNK(info.st_mode):
-        raise _path_error(
-            path, "it is a symbolic link; give the real file's path instead"
+        raise sqlite_file.path_error(
+            path, _WHAT, "it is a symbolic link; give the real file's path instead"
         )
     if not stat.S_ISREG(info.st_mode):
-        raise _path_error(path, "it is not a regular file; give a file path")
-
-
-def _create_file(path: Path) -> None:
-    fstype = _filesystem_type(path.parent)
-    if fstype in _NETWORK_FILESYSTEMS:
-        raise _path_error(
-            path,
-            f"it is on a network filesystem ({fstype}), where SQLite's WAL mode "
-            "does not work; put it on a local disk",
+        raise sqlite_file.path_error(
+            path, _WHAT, "it is not a regular file; give a file path"
         )
-    # Open it here rather than leave it to SQLite, whose error for a file
-    # it cannot write is a bare "unable to open database file".
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    except OSError as error:
-        raise _path_error(
-            path,
-            f"it cannot be opened for writing ({error.strerror}); give a path in "
-            "a folder you can write to",
-        ) from error
-    os.close(fd)
-
-
-def _prepare(path: Path, conn: sqlite3.Connection) -> None:
-    try:
-        for pragma in PRAGMAS:
-            conn.execute(pragma)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            _check_identity(path, conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            _roll_back(conn)
-            raise
-    except sqlite3.Error as error:
-        raise _open_error(path, error) from error
 
 
 def _check_identity(path: Path, conn: sqlite3.Connection) -> None:
@@ -605,38 +575,17 @@ def _check_identity(path: Path, conn: sqlite3.Connection) -> None:
             conn.execute(statement)
         return
     if application_id != APPLICATION_ID:
-        raise _path_error(
+        raise sqlite_file.path_error(
             path,
+            _WHAT,
             "it is an SQLite file but not a batchtools shared state store; "
             "give another path",
         )
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
-        raise _path_error(
+        raise sqlite_file.path_error(
             path,
+            _WHAT,
             f"it has schema version {version}, newer than this batchtools "
             f"supports ({SCHEMA_VERSION}); upgrade batchtools or give another path",
         )
-
-
-def _roll_back(conn: sqlite3.Connection) -> None:
-    # SQLite may already have rolled back, for example after a disk full error.
-    if conn.in_transaction:
-        conn.execute("ROLLBACK")
-
-
-def _open_error(path: Path, error: sqlite3.Error) -> ConfigurationError:
-    text = str(error)
-    if "not a database" in text or "malformed" in text:
-        return _path_error(
-            path, f"it is not a usable SQLite file ({text}); give another path"
-        )
-    return _path_error(
-        path,
-        f"opening it failed ({text}); the file and its folder must be writable, "
-        "because SQLite adds -wal and -shm files next to it",
-    )
-
-
-def _path_error(path: Path, reason: str) -> ConfigurationError:
-    return ConfigurationError(f"invalid shared state path '{path}': {reason}")
