@@ -823,23 +823,30 @@ class Stream:
     run and reaps its workers at once.
     """
 
-    def __init__(self, inner: AsyncStream) -> None:
+    def __init__(self, inner: Any, thread_name: str = "batchtools-stream") -> None:
+        """Wrap ``inner``, an async stream: `AsyncStream` or one like it.
+
+        Args:
+            inner: Offers ``start``, ``next_batch``, ``aclose`` and ``report``.
+            thread_name: The name of the helper thread.
+        """
         self._inner = inner
+        self._thread_name = thread_name
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
         self._closed = False
 
     @property
     def report(self) -> Report | None:
         """The report, once the run has ended."""
-        return self._inner.report
+        report: Report | None = self._inner.report
+        return report
 
     def _start(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
             self._thread = threading.Thread(
-                target=self._loop.run_forever, name="batchtools-stream", daemon=True
+                target=self._loop.run_forever, name=self._thread_name, daemon=True
             )
             self._thread.start()
             asyncio.run_coroutine_threadsafe(self._inner.start(), self._loop).result()

@@ -64,6 +64,7 @@ from batchtools.engine._api import (
     STOP_SIGNALS,
     AsyncStream,
     Job,
+    Stream,
     _is_command,
     _run_on_helper_thread,
     build_engine,
@@ -797,7 +798,7 @@ def _prepare_all(
     return jobs
 
 
-class PipelineStream:
+class PipelineStream(Stream):
     """Final outcomes of a pipeline as they finish; an iterator and context manager.
 
     The pipeline runs on a helper thread with its own event loop. Leaving
@@ -807,66 +808,20 @@ class PipelineStream:
     """
 
     def __init__(self, inner: AsyncPipelineStream) -> None:
-        self._inner = inner
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._closed = False
+        super().__init__(inner, thread_name="batchtools-pipeline")
 
     @property
     def report(self) -> PipelineReport:
         """The run's report; complete once the stream has ended."""
-        return self._inner.report
-
-    def _start(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-            self._thread = threading.Thread(
-                target=self._loop.run_forever, name="batchtools-pipeline", daemon=True
-            )
-            self._thread.start()
-            asyncio.run_coroutine_threadsafe(self._inner.start(), self._loop).result()
-        return self._loop
+        report: PipelineReport = self._inner.report
+        return report
 
     def __enter__(self) -> PipelineStream:
-        self._start()
+        super().__enter__()
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __iter__(self) -> Iterator[PipelineOutcome]:
-        loop = self._start()
-        try:
-            while True:
-                batch = asyncio.run_coroutine_threadsafe(
-                    self._inner.next_batch(), loop
-                ).result()
-                if not batch:
-                    return
-                yield from batch
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Cancel what is still running, reap the workers and stop the thread."""
-        if self._closed or self._loop is None:
-            return
-        self._closed = True
-        loop = self._loop
-        asyncio.run_coroutine_threadsafe(self._inner.aclose(), loop).result()
-        # `loop.close` would not wait for the threads of `asyncio.to_thread`.
-        asyncio.run_coroutine_threadsafe(
-            loop.shutdown_default_executor(), loop
-        ).result()
-        loop.call_soon_threadsafe(loop.stop)
-        assert self._thread is not None
-        self._thread.join()
-        loop.close()
+        return cast(Iterator[PipelineOutcome], super().__iter__())
 
 
 class Pipeline:
