@@ -215,7 +215,7 @@ def test_adaptive_jobs_from_a_job_file_and_resume(tmp_path: Path) -> None:
 
 
 def test_serialize_by_keeps_one_item_per_folder_running(tmp_path: Path) -> None:
-    # mkdir is atomic: it fails when another item of the folder holds the mark.
+    # mkdir is atomic: it fails while another item of the folder has the mark.
     for name in ("d1", "d2"):
         (tmp_path / name).mkdir()
     items = [f"{d}/{n}" for n in range(6) for d in ("d1", "d2")]
@@ -261,7 +261,7 @@ def test_workers_end_when_the_cli_is_killed(tmp_path: Path) -> None:
         )
 
 
-def test_priority_runs_every_item_and_warns_about_bad_values(tmp_path: Path) -> None:
+def test_priority_warns_about_bad_values(tmp_path: Path) -> None:
     (tmp_path / "in.txt").write_text("a 1\nb 5\nc x\nd 9\n")
 
     options = ["-q", "--colsep", " ", "--priority", "{2}"]

@@ -599,7 +599,7 @@ def test_critical_path_weighs_estimates() -> None:
     assert path.by_estimate
 
 
-def test_task_that_ends_during_a_stop_counts_as_done(tmp_path: Path) -> None:
+def test_task_ending_during_stop_is_done(tmp_path: Path) -> None:
     import os
     import signal
 

@@ -13,10 +13,10 @@ The file names the journal and lists the operations::
     step = "myapp.steps:MoveFile"
     state = { src = "in/a.csv", dst = "done/a.csv" }
 
-`Transaction` does the work; this module validates the table, prints what
-happened, and returns the exit status: 0 when every operation committed,
-1 when the transaction rolled back or a rollback failed, 2 for a bad job
-file, 3 when the journal cannot be used.
+`Transaction` does the work. This module validates the table, prints what
+happened, and returns the exit status. That is 0 when every operation
+committed, 1 when the transaction rolled back or a rollback failed, 2 for
+a bad job file, and 3 when the journal cannot be used.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class TransactionTable(BaseModel):
 
 
 def is_transaction_job(path: str) -> bool:
-    """Whether the job file at ``path`` has a ``[transaction]`` table."""
+    """Return whether the job file at ``path`` has a ``[transaction]`` table."""
     try:
         with open(path, "rb") as stream:
             return "transaction" in tomllib.load(stream)

@@ -305,7 +305,7 @@ def _check_worker_options(
 
 
 def _concurrency(value: int | str | Concurrency | None, backend: str) -> Concurrency:
-    """Return the concurrency policy that ``value`` asks for on ``backend``.
+    """Return the concurrency policy that ``value`` requests on ``backend``.
 
     ``"auto"`` adapts between 1 and four times the backend's default.
     """

@@ -961,7 +961,7 @@ class Engine:
         return False
 
     def _circuit_changed(self, job: _Job, breakers: Breakers) -> bool:
-        """Whether the circuit of ``job`` changed state since it admitted the job."""
+        """Return whether the circuit of ``job`` changed state since admitting it."""
         circuit = breakers.circuit(breakers.key_of(_first_item(job)))
         return circuit.generation != job.circuit_generation
 
