@@ -534,14 +534,17 @@ class Engine:
         # wait for, the next job is simply the next ready one, so take it
         # without the general path's checks.
         simple = not (self._prefetch or self.settings.ordered or self._backlog)
+        attempt = (
+            self._attempt if self.settings.lock_key is None else self._attempt_locked
+        )
         while True:
             if simple and ready and not self._retry_ready and self._stopping is None:
-                await self._attempt(ready.popleft(), owner)
+                await attempt(ready.popleft(), owner)
                 continue
             job = await self._next_job()
             if job is None:
                 return
-            await self._attempt(job, owner)
+            await attempt(job, owner)
 
     async def _next_job(self) -> _Job | None:
         while True:
@@ -758,14 +761,12 @@ class Engine:
             shared=resources.shared,
         )
 
-    async def _attempt(self, job: _Job, owner: asyncio.Task[Any] | None) -> None:
-        if self.settings.lock_key is None:
-            await self._attempt_unlocked(job, owner)
-            return
+    async def _attempt_locked(self, job: _Job, owner: asyncio.Task[Any] | None) -> None:
+        """Run an attempt of ``job`` while holding its lock key (``lock_key``)."""
         if not self._take_key(job):
             return
         try:
-            await self._attempt_unlocked(job, owner)
+            await self._attempt(job, owner)
         finally:
             self._release_key(job)
 
@@ -812,9 +813,7 @@ class Engine:
         self._retry_ready.append(following)
         self._wake_all()
 
-    async def _attempt_unlocked(
-        self, job: _Job, owner: asyncio.Task[Any] | None
-    ) -> None:
+    async def _attempt(self, job: _Job, owner: asyncio.Task[Any] | None) -> None:
         cache = self.settings.cache
         if cache is not None and not job.cache_leader and not self._cache_misses(job):
             return
