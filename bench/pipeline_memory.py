@@ -123,9 +123,9 @@ def measure(config: Config) -> WorkloadResult:
         title="Pipeline memory",
         summary=(
             f"`Pipeline([...]).stream(range(N))` with N = {count:,} in a fresh "
-            "interpreter: two async stages with a concurrency of 100 (the first "
-            "makes a 1 KiB string per item), then a final stage that takes a "
-            "round of the event loop per 10 items with a concurrency of 1. The "
+            "interpreter. Two async stages run with a concurrency of 100, and "
+            "the first makes a 1 KiB string per item. A final stage with a "
+            "concurrency of 1 takes a round of the event loop per 10 items. The "
             "figures are the child's peak RSS (`VmHWM`) after a tenth of the "
             "outcomes and at the end, in MB of 2^20 bytes, interpreter and "
             "imports included. Flat means the peak at the end is within 10 "

@@ -81,8 +81,12 @@ def recover_command(context: click.Context, journal: str, verbose: bool) -> None
 def describe(report: TransactionReport, *, verbose: bool = False) -> list[str]:
     """Return the lines that tell what recovery did to one transaction."""
     found = report.recovered_from
-    was = f"was {_words(found)}" if found is not None else "ran"
-    lines = [f"transaction {report.transaction_id}: {was}, now {_words(report.status)}"]
+    if found is not None and found is report.status:
+        state = f"still {_words(found)}"
+    else:
+        was = f"was {_words(found)}" if found is not None else "ran"
+        state = f"{was}, now {_words(report.status)}"
+    lines = [f"transaction {report.transaction_id}: {state}"]
     for phase in ("commit", "rollback"):
         count = sum(1 for op in report.operations if phase in op.calls)
         if count:
