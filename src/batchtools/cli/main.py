@@ -933,7 +933,7 @@ def _by_priority(items: Iterable[Any], options: RunOptions) -> Any:
     An item whose priority is not a number runs last, with a warning; one
     bad line should not stop a long run.
     """
-    from batchtools.flow.queue import prioritized
+    from batchtools.flow.prioritized import prioritized
 
     assert options.priority is not None
     render = _render_text(options.priority, "--priority")

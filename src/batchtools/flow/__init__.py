@@ -19,12 +19,8 @@ from batchtools.flow.pipeline import (
     Stage,
     StageReport,
 )
-from batchtools.flow.queue import (
-    PriorityQueue,
-    QueueStatistics,
-    SyncPriorityQueue,
-    prioritized,
-)
+from batchtools.flow.prioritized import prioritized
+from batchtools.flow.queue import PriorityQueue, QueueStatistics, SyncPriorityQueue
 from batchtools.flow.transaction import (
     Step,
     StepContext,

@@ -28,34 +28,42 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import heapq
-import itertools
 import logging
-import math
-import numbers
 import os
 import threading
 import time
 from collections.abc import (
-    AsyncIterable,
     Callable,
     Coroutine,
-    Iterable,
     Mapping,
     Sequence,
 )
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 from batchtools._exceptions import ConfigurationError, QueueClosedError
 from batchtools.engine._api import open_journal, prepare
 from batchtools.engine._engine import Engine, Observer
-from batchtools.engine._feed import BLOCK, Feed
 from batchtools.engine._halt import Halt
 from batchtools.engine._outcome import Outcome, Report, State
+from batchtools.flow._priority import (
+    DEFAULT_PRIORITY,
+    Clock,
+    T,
+    _aging_rate,
+    _check_clock,
+    _Heap,
+    _item_text,
+    _set_result,
+    _size_limit,
+    check_priority,
+)
+from batchtools.flow.prioritized import Prioritized, prioritized
 from batchtools.policy.concurrency import Concurrency
 from batchtools.policy.retry import Retry
+
+log = logging.getLogger("batchtools.flow")
 
 __all__ = [
     "Prioritized",
@@ -66,136 +74,6 @@ __all__ = [
     "check_priority",
     "prioritized",
 ]
-
-T = TypeVar("T")
-Clock = Callable[[], float]
-
-log = logging.getLogger("batchtools.flow")
-
-DEFAULT_PRIORITY = 0.0
-PRIORITIZED_MAXSIZE = 10_000
-"""Default maximum of items that `prioritized` keeps read ahead, so
-priorities order items within a window of this many. Their heap entries
-take about 1.2 MB (tracemalloc, CPython 3.11), plus the items themselves."""
-
-
-# NOTE: this class belongs in batchtools._exceptions; it is defined here
-# until it moves there.
-def check_priority(
-    value: object, *, name: str = "priority", where: str = "", text: bool = False
-) -> float:
-    """Check a priority and return it as a float; a larger number runs first.
-
-    Infinities are allowed: ``math.inf`` runs before any finite priority.
-
-    Args:
-        value: An int or a float; with ``text``, also a number as text.
-        name: What the error calls the value: a parameter or an option.
-        where: Appended to the name in the error, such as
-            ``" for item 3 of the input"``.
-        text: Accept numbers written as text (``"2.5"``), as a command
-            line or a template renders them.
-
-    Raises:
-        ConfigurationError: The value is not a number, or it is NaN, which
-            has no order.
-    """
-    number: float | None = None
-    if text and isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            number = float(value)
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        try:
-            number = float(value)
-        except OverflowError:
-            raise ConfigurationError(
-                f"{name}={value!r}{where} is too large for a float; "
-                "give a smaller number"
-            ) from None
-    if number is None:
-        kinds = "an int, a float or a number as text" if text else "an int or a float"
-        raise ConfigurationError(
-            f"{name}={value!r}{where} is not a number; give {kinds}"
-        )
-    if math.isnan(number):
-        raise ConfigurationError(
-            f"{name}={value!r}{where} is NaN, which has no order; give a number"
-        )
-    return number
-
-
-def _aging_rate(aging: float | None) -> float:
-    if aging is None:
-        return 0.0
-    if (
-        isinstance(aging, bool)
-        or not isinstance(aging, numbers.Real)
-        or not math.isfinite(aging)
-        or aging < 0
-    ):
-        raise ConfigurationError(
-            f"aging={aging!r} must be priority points per second of waiting: "
-            "a finite number of at least 0, or None for no aging"
-        )
-    return float(aging)
-
-
-def _size_limit(name: str, value: int | None) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(
-            f"{name}={value!r} must be a whole number of at least 1, "
-            "or None for no limit"
-        )
-    return value
-
-
-def _check_clock(clock: Clock) -> Clock:
-    if not callable(clock):
-        raise ConfigurationError(
-            f"clock={clock!r} must be a callable that returns seconds, "
-            "such as time.monotonic"
-        )
-    return clock
-
-
-def _item_text(item: Any) -> str:
-    return f"{item!r:.60}"
-
-
-def _set_result(future: asyncio.Future[None] | None) -> None:
-    if future is not None and not future.done():
-        future.set_result(None)
-
-
-class _Heap:
-    """Items by rank, largest first; first in, first out among equal ranks."""
-
-    def __init__(self, aging: float, clock: Clock) -> None:
-        self._entries: list[tuple[float, int, Any]] = []
-        self._tickets = itertools.count()
-        self._aging = aging
-        self._clock = clock
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def push(self, item: Any, priority: float) -> None:
-        rank = priority
-        if self._aging:
-            # The aged priority at any later time t is rank + aging * t, so
-            # ordering by rank is ordering by aged priority.
-            rank -= self._aging * self._clock()
-        heapq.heappush(self._entries, (-rank, next(self._tickets), item))
-
-    def pop(self) -> Any:
-        return heapq.heappop(self._entries)[2]
-
-    def pop_all(self) -> list[Any]:
-        """Remove every item; return them in the order they would have run."""
-        entries, self._entries = sorted(self._entries), []
-        return [item for _, _, item in entries]
 
 
 @dataclass(frozen=True, slots=True)
@@ -847,221 +725,3 @@ class SyncPriorityQueue:
 
 async def _call(function: Callable[..., Any], *args: Any) -> None:
     function(*args)
-
-
-class Prioritized:
-    """Items of a source, the highest priority first; an async iterator.
-
-    A background task moves items from the source into a heap as they
-    arrive, and each ``__anext__`` returns the highest priority among the
-    items read so far. The source is read as the engine reads its input
-    (`batchtools.engine._feed.Feed`). A sync iterable that may block (a
-    generator, a file, standard input) is read on a helper thread, and an
-    in-memory collection on the event loop.
-    Reading pauses while ``maxsize`` items are held. Iteration ends when
-    the source has ended and every item was returned. Use `prioritized` to
-    make one.
-
-    As the item source of an engine, pair it with ``Settings.read_ahead =
-    0``, or the engine takes items from it in blocks and runs each block in
-    the order taken.
-
-    NOTE: an engine worker that waits for the next item of a slow source
-    does not take a retry whose backoff ended meanwhile. The retry waits
-    until the next item is read or the source ends.
-    """
-
-    def __init__(
-        self,
-        source: Iterable[Any] | AsyncIterable[Any],
-        priority: Callable[[Any], Any],
-        *,
-        aging: float | None,
-        clock: Clock,
-        maxsize: int | None,
-        on_invalid: Callable[[Any, ConfigurationError], float] | None,
-        name: str,
-    ) -> None:
-        if not callable(priority):
-            raise ConfigurationError(f"priority={priority!r} must be a callable")
-        if on_invalid is not None and not callable(on_invalid):
-            raise ConfigurationError(f"on_invalid={on_invalid!r} must be a callable")
-        if not isinstance(source, AsyncIterable | Iterable):
-            raise ConfigurationError(f"source={source!r} is not an iterable")
-        self._feed = Feed(source)
-        self._priority = priority
-        self._on_invalid = on_invalid
-        self._name = name
-        self._heap = _Heap(_aging_rate(aging), _check_clock(clock))
-        self._maxsize = _size_limit("maxsize", maxsize)
-        self._read = 0
-        self._ended = False
-        self._error: BaseException | None = None
-        self._item_waiter: asyncio.Future[None] | None = None
-        self._room_waiter: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    def __repr__(self) -> str:
-        return f"<Prioritized read={self._read} held={len(self._heap)}>"
-
-    @property
-    def read_count(self) -> int:
-        """Items read from the source so far."""
-        return self._read
-
-    async def __aenter__(self) -> Prioritized:
-        self._start()
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    def __aiter__(self) -> Prioritized:
-        return self
-
-    async def __anext__(self) -> Any:
-        """Return the item with the highest priority read so far.
-
-        Raises:
-            ConfigurationError: An item's priority is invalid and there is
-                no ``on_invalid``; the items still held are dropped.
-            BaseException: Whatever the source raised.
-        """
-        self._start()
-        while not self._heap and self._error is None:
-            if self._ended:
-                raise StopAsyncIteration
-            self._item_waiter = asyncio.get_running_loop().create_future()
-            await self._item_waiter
-        if self._error is not None:
-            error, self._error = self._error, None
-            self._heap.pop_all()
-            raise error
-        item = self._heap.pop()
-        _set_result(self._room_waiter)
-        return item
-
-    async def aclose(self) -> None:
-        """Stop reading the source; a thread blocked reading it ends by itself."""
-        self._ended = True
-        task = self._task
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait([task])
-        await self._feed.aclose()
-        self._heap.pop_all()
-        _set_result(self._item_waiter)
-
-    def _start(self) -> None:
-        if self._task is None:
-            loop = asyncio.get_running_loop()
-            self._task = loop.create_task(self._read_source())
-
-    async def _read_source(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                room = BLOCK
-                if self._maxsize is not None:
-                    while len(self._heap) >= self._maxsize:
-                        self._room_waiter = loop.create_future()
-                        await self._room_waiter
-                    room = min(room, self._maxsize - len(self._heap))
-                block = await self._feed.read(room)
-                if not block:
-                    break
-                for item in block:
-                    self._add(item)
-                _set_result(self._item_waiter)
-        except Exception as error:
-            self._error = error
-        self._ended = True
-        _set_result(self._item_waiter)
-        # A helper thread reading a sync source waits for room until closed.
-        await self._feed.aclose()
-
-    def _add(self, item: Any) -> None:
-        """Put one item read from the source into the heap.
-
-        Raises:
-            ConfigurationError: The priority is invalid, and there is no
-                ``on_invalid`` or it returned an invalid priority too.
-        """
-        position = self._read
-        self._read += 1
-        where = f" for item {position} of the input ({_item_text(item)})"
-        try:
-            value = self._priority(item)
-        except Exception as error:
-            failure = ConfigurationError(
-                f"{self._name} of item {position} of the input "
-                f"({_item_text(item)}) could not be computed: {error!r}"
-            )
-            failure.__cause__ = error
-        else:
-            try:
-                number = check_priority(value, name=self._name, where=where, text=True)
-            except ConfigurationError as error:
-                failure = error
-            else:
-                self._heap.push(item, number)
-                return
-        if self._on_invalid is None:
-            raise failure
-        fallback = self._on_invalid(item, failure)
-        number = check_priority(fallback, name="on_invalid()", where=where)
-        self._heap.push(item, number)
-
-
-def prioritized(
-    source: Iterable[Any] | AsyncIterable[Any],
-    *,
-    priority: Callable[[Any], Any],
-    aging: float | None = None,
-    clock: Clock = time.monotonic,
-    maxsize: int | None = PRIORITIZED_MAXSIZE,
-    on_invalid: Callable[[Any, ConfigurationError], float] | None = None,
-    name: str = "priority",
-) -> Prioritized:
-    """Read ``source`` in the background; yield the highest priority first.
-
-    Example::
-
-        async with prioritized(paths, priority=os.path.getsize) as items:
-            async for path in items:
-                ...
-
-    Args:
-        source: A sync or async iterable of items.
-        priority: Returns an item's priority, a larger number first: an int,
-            a float or a number as text. If it raises, the priority is
-            invalid.
-        aging: Priority points an item gains per second of waiting.
-        clock: Returns seconds for aging; a fake clock in tests.
-        maxsize: Items held at most; reading pauses at this many, so
-            priorities order items within a window of this size. ``None``
-            reads the whole source as fast as it comes.
-        on_invalid: Called with an item whose priority is invalid and the
-            `ConfigurationError`. It returns the priority to use instead,
-            such as ``-math.inf`` to run the item last, or raises. Without
-            it, the iteration raises that error.
-        name: What errors call the priority, such as ``"--priority"``.
-            Items are counted from 0 in errors, in the order read.
-
-    Raises:
-        ConfigurationError: An argument is invalid.
-    """
-    return Prioritized(
-        source,
-        priority,
-        aging=aging,
-        clock=clock,
-        maxsize=maxsize,
-        on_invalid=on_invalid,
-        name=name,
-    )
