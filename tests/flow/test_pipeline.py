@@ -19,13 +19,12 @@ from hypothesis import given, settings, strategies
 import batchtools
 from batchtools import ConfigurationError, Outcome, Report, RunAbortedError, State
 from batchtools.engine._engine import Engine
+from batchtools.flow._pipeline_buffers import SAMPLE_SIZE, _LatencySample
 from batchtools.flow.pipeline import (
-    SAMPLE_SIZE,
     Pipeline,
     PipelineOutcome,
     PipelineReport,
     Stage,
-    _LatencySample,
 )
 from tests.engine.support import child_processes, threads_still_alive
 from tests.flow import pipeline_tasks

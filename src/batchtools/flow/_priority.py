@@ -16,9 +16,7 @@ import heapq
 import itertools
 import math
 import numbers
-from collections.abc import (
-    Callable,
-)
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from batchtools._exceptions import ConfigurationError
