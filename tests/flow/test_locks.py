@@ -719,7 +719,9 @@ def test_other_sqlite_file_is_rejected(tmp_path: Path) -> None:
 
 
 def test_directory_as_shared_state_path_is_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ConfigurationError, match="it is not a regular file"):
+    with pytest.raises(
+        ConfigurationError, match="it is a directory; give the path of a file inside it"
+    ):
         SharedState(tmp_path)
 
 

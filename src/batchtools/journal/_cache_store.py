@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import sqlite3
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar, NamedTuple
@@ -150,7 +149,7 @@ class CacheStore:
                 a network filesystem, or it is an SQLite file of another kind.
         """
         cache_path = Path(path).expanduser()
-        _check_path(cache_path)
+        sqlite_file.check_path(cache_path, _WHAT, "cache.db")
         sqlite_file.create_file(cache_path, _WHAT, make_folder=True)
         try:
             conn = sqlite3.connect(
@@ -322,34 +321,6 @@ class CacheStore:
             raise CacheError(
                 str(self.path), f"{doing} failed: {error}{hint}"
             ) from error
-
-
-def _check_path(path: Path) -> None:
-    try:
-        info = path.lstat()
-    except (FileNotFoundError, NotADirectoryError):
-        # A missing file, or a folder that is a file: creating the folder
-        # reports the second case.
-        info = None
-    except OSError as error:
-        raise sqlite_file.path_error(
-            path, _WHAT, f"it cannot be read ({error.strerror})"
-        ) from error
-    if info is not None and stat.S_ISLNK(info.st_mode):
-        raise sqlite_file.path_error(
-            path, _WHAT, "it is a symbolic link; give the real file's path instead"
-        )
-    if info is not None and stat.S_ISDIR(info.st_mode):
-        raise sqlite_file.path_error(
-            path,
-            _WHAT,
-            "it is a directory; give the path of a file inside it, such as "
-            f"'{path / 'cache.db'}'",
-        )
-    if info is not None and not stat.S_ISREG(info.st_mode):
-        raise sqlite_file.path_error(
-            path, _WHAT, "it is not a regular file; give a file path"
-        )
 
 
 def _check_identity(path: Path, conn: sqlite3.Connection) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -42,6 +43,40 @@ def open_error(path: Path, what: str, error: sqlite3.Error) -> ConfigurationErro
         f"opening it failed ({text}); the file and its folder must be writable, "
         "because SQLite adds -wal and -shm files next to it",
     )
+
+
+def check_path(path: Path, what: str, example: str) -> None:
+    """Reject a path that is a link, a folder or anything but a regular file.
+
+    Args:
+        path: The file's path; a missing file is fine.
+        what: What messages call the file.
+        example: A file name to suggest inside a folder given by mistake.
+
+    Raises:
+        ConfigurationError: The path cannot hold the file.
+    """
+    try:
+        info = path.lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        # A missing file, or a folder that is a file: creating the file
+        # reports the second case.
+        return
+    except OSError as error:
+        raise path_error(path, what, f"it cannot be read ({error.strerror})") from error
+    if stat.S_ISLNK(info.st_mode):
+        raise path_error(
+            path, what, "it is a symbolic link; give the real file's path instead"
+        )
+    if stat.S_ISDIR(info.st_mode):
+        raise path_error(
+            path,
+            what,
+            "it is a directory; give the path of a file inside it, such as "
+            f"'{path / example}'",
+        )
+    if not stat.S_ISREG(info.st_mode):
+        raise path_error(path, what, "it is not a regular file; give a file path")
 
 
 def create_file(path: Path, what: str, *, make_folder: bool) -> None:

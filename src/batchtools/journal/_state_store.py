@@ -19,7 +19,6 @@ import asyncio
 import math
 import os
 import sqlite3
-import stat
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -105,7 +104,7 @@ class StateStore:
                 on a network filesystem, it cannot be opened for writing, or
                 it is an SQLite file of another kind or a newer version.
         """
-        _check_path(path)
+        sqlite_file.check_path(path, _WHAT, "shared.db")
         sqlite_file.create_file(path, _WHAT, make_folder=False)
         try:
             conn = sqlite3.connect(
@@ -546,25 +545,6 @@ def key_text_of(key: Any) -> str:
                 f"key {key!r} is not hashable; use a str, int, bytes or a tuple of them"
             ) from None
     return encode_storable(key, f"key {key!r}")
-
-
-def _check_path(path: Path) -> None:
-    try:
-        info = path.lstat()
-    except FileNotFoundError:
-        return
-    except OSError as error:
-        raise sqlite_file.path_error(
-            path, _WHAT, f"it cannot be read ({error.strerror})"
-        ) from error
-    if stat.S_ISLNK(info.st_mode):
-        raise sqlite_file.path_error(
-            path, _WHAT, "it is a symbolic link; give the real file's path instead"
-        )
-    if not stat.S_ISREG(info.st_mode):
-        raise sqlite_file.path_error(
-            path, _WHAT, "it is not a regular file; give a file path"
-        )
 
 
 def _check_identity(path: Path, conn: sqlite3.Connection) -> None:
