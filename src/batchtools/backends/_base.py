@@ -41,10 +41,8 @@ class Context:
             halt, interrupt); a thread task should poll it and return.
         state: What the run's ``setup`` function returned in the worker
             executing this attempt (a database connection, say), or ``None``.
-        lock: The run's `KeyedLock`, shared by every worker of every backend:
-            ``with context.lock.hold(key):`` (``hold_async`` in coroutines).
-        shared: The run's `SharedState`, a small key-value store that every
-            worker sees, with atomic ``update(key, function)``.
+        resources: The folder of the run's keyed lock and shared store, or
+            ``None``; read them as `lock` and `shared`.
     """
 
     run_id: str
@@ -54,21 +52,34 @@ class Context:
     idempotency_key: str
     cancelled: threading.Event | None = field(default=None, compare=False)
     state: Any = field(default=None, compare=False)
-    lock: Any = field(default=None, compare=False)
-    shared: Any = field(default=None, compare=False)
+    resources: str | None = field(default=None, compare=False)
+
+    @property
+    def lock(self) -> Any:
+        """The run's `KeyedLock`, shared by every worker of every backend.
+
+        Use ``with context.lock.hold(key):``, or ``hold_async`` in coroutines.
+        """
+        return None if self.resources is None else _run_resources(self.resources).lock
+
+    @property
+    def shared(self) -> Any:
+        """The run's `SharedState`: a key-value store that every worker sees."""
+        if self.resources is None:
+            return None
+        return _run_resources(self.resources).shared
 
     def __getstate__(self) -> tuple[Any, ...]:
         # The event cannot cross to a worker process; a process task is
         # stopped by killing its worker instead. The worker sets its own state.
-        # The lock and the store pickle as their paths.
+        # The lock and the store travel as their folder, opened on first use.
         return (
             self.run_id,
             self.key,
             self.attempt,
             self.seq,
             self.idempotency_key,
-            self.lock,
-            self.shared,
+            self.resources,
         )
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
@@ -78,11 +89,17 @@ class Context:
             self.attempt,
             self.seq,
             self.idempotency_key,
-            self.lock,
-            self.shared,
+            self.resources,
         ) = state
         self.cancelled = None
         self.state = None
+
+
+def _run_resources(folder: str) -> Any:
+    # Imported here: flow is built on the engine and the backends.
+    from batchtools.flow.locks import resources_at
+
+    return resources_at(folder)
 
 
 @dataclass(slots=True)

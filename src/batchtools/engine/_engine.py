@@ -33,7 +33,7 @@ import uuid
 from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from batchtools import _codec
 from batchtools._exceptions import (
@@ -65,9 +65,6 @@ from batchtools.policy.fallback import FallbackValue
 from batchtools.policy.memory import MemoryGate
 from batchtools.policy.rate_limit import RateLimiter
 from batchtools.policy.retry import NO_RETRY, Retry
-
-if TYPE_CHECKING:
-    from batchtools.flow.locks import RunResources
 
 log = logging.getLogger("batchtools.engine")
 retry_log = logging.getLogger("batchtools.retry")
@@ -299,7 +296,7 @@ class Engine:
         self._pauses_logged = 0
         # The keyed lock and shared store that contexts carry, made when the
         # first context is.
-        self._resources: RunResources | None = None
+        self._resources: str | None = None
         self._key_waiters: dict[Any, collections.deque[_Job]] = {}
         self._slot_waiters: collections.deque[asyncio.Future[None]] = (
             collections.deque()
@@ -474,8 +471,7 @@ class Engine:
                     report.cache_unstorable = cache.unstorable
                 cache.close()
             if self._resources is not None:
-                self._resources.close()
-                shutil.rmtree(self._resources.directory, ignore_errors=True)
+                _close_resources(self._resources)
             limiter = self.settings.concurrency_limiter
             if limiter is not None:
                 start = limiter.history[0][0]
@@ -757,8 +753,7 @@ class Engine:
             job.attempt,
             job.seq,
             f"{self.run_id}:{key}",
-            lock=resources.lock,
-            shared=resources.shared,
+            resources=resources,
         )
 
     async def _attempt_locked(self, job: _Job, owner: asyncio.Task[Any] | None) -> None:
@@ -1536,13 +1531,22 @@ class Engine:
                 handle.cancel()
 
 
-def _open_resources() -> RunResources:
-    """Make the keyed lock and shared store of one run, in a private folder."""
+def _open_resources() -> str:
+    """Make the keyed lock and shared store of one run; return their folder."""
     # Imported here: flow is built on the engine, so the engine cannot
     # import it while the package loads.
-    from batchtools.flow.locks import open_run_resources
+    from batchtools.flow.locks import resources_at
 
-    return open_run_resources(tempfile.mkdtemp(prefix="batchtools-run-"))
+    folder = tempfile.mkdtemp(prefix="batchtools-run-")
+    resources_at(folder)
+    return folder
+
+
+def _close_resources(folder: str) -> None:
+    from batchtools.flow.locks import forget_resources
+
+    forget_resources(folder)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _set_result(future: asyncio.Future[Any], value: Any = None) -> None:

@@ -715,3 +715,28 @@ def open_run_resources(
     lock = KeyedLock(folder / "locks", stripes=stripes, poll_interval=poll_interval)
     shared = SharedState(folder / "shared.db", busy_timeout=busy_timeout)
     return RunResources(lock, shared, folder)
+
+
+_opened: dict[str, RunResources] = {}
+_opened_lock = threading.Lock()
+
+
+def resources_at(directory: str) -> RunResources:
+    """Return the run resources in ``directory``, opening them once per process.
+
+    A task context carries only the folder, so that a worker process opens
+    the lock and the store on first use rather than for every item.
+    """
+    with _opened_lock:
+        resources = _opened.get(directory)
+        if resources is None:
+            resources = _opened[directory] = open_run_resources(directory)
+        return resources
+
+
+def forget_resources(directory: str) -> None:
+    """Close and forget this process's resources in ``directory``, if open."""
+    with _opened_lock:
+        resources = _opened.pop(directory, None)
+    if resources is not None:
+        resources.close()
