@@ -54,7 +54,7 @@ def test_failures_keep_the_limit_at_min() -> None:
     assert probe.max_in_flight <= 2
 
 
-def test_retries_wait_for_a_slot_of_the_current_limit() -> None:
+def test_retries_wait_for_adaptive_slot() -> None:
     # Every attempt fails, so the limit stays at 1 and retries queue for it.
     probe = ConcurrencyProbe()
     policy = Concurrency(min=1, max=8, initial=1, clock=FakeClock())
@@ -69,7 +69,7 @@ def test_retries_wait_for_a_slot_of_the_current_limit() -> None:
     assert probe.calls == 150
 
 
-def test_auto_adapts_between_one_and_four_times_the_default() -> None:
+def test_auto_range_is_four_times_default() -> None:
     from batchtools.engine._api import prepare
 
     job = prepare(quick, concurrency="auto")
@@ -95,7 +95,7 @@ def test_invalid_text_is_rejected() -> None:
         batchtools.run([1], quick, concurrency="sometimes")
 
 
-def test_a_stop_cancels_items_waiting_for_a_slot() -> None:
+def test_stop_cancels_slot_waiters() -> None:
     async def main() -> batchtools.Report:
         from batchtools.engine._api import build_engine, prepare
 

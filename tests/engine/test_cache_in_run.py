@@ -147,7 +147,7 @@ def test_commands_and_batches_take_no_cache(tmp_path: Path) -> None:
         batchtools.run(range(8), CountingTask(), batch_size=4, policies=[Cache()])
 
 
-def test_a_stop_cancels_items_waiting_for_a_key() -> None:
+def test_stop_cancels_cache_waiters() -> None:
     async def main() -> batchtools.Report:
         from batchtools.engine._api import build_engine, prepare
 
@@ -183,7 +183,7 @@ def test_callable_objects_keep_their_cache_across_instances(tmp_path: Path) -> N
     assert report.cache_hits == 3
 
 
-def test_a_damaged_cache_file_costs_reuse_not_items(tmp_path: Path) -> None:
+def test_damaged_cache_file_runs_items(tmp_path: Path) -> None:
     path = tmp_path / "cache.db"
     task = CountingTask()
     batchtools.run(range(20), task, policies=[Cache(path=path)])

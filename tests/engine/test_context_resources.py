@@ -18,7 +18,7 @@ async def count_async(item: int, context: batchtools.Context) -> int:
 
 
 @pytest.mark.parametrize("backend", ["thread", "process", "async"])
-def test_hundred_increments_under_the_run_lock_end_at_100(backend: str) -> None:
+def test_locked_increments_add_up(backend: str) -> None:
     task = count_async if backend == "async" else tasks.count_under_lock
 
     report = batchtools.run(range(100), task, backend=backend, concurrency=8)

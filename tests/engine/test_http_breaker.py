@@ -1,6 +1,6 @@
 """A run against a flaky HTTP server on 127.0.0.1: the breaker opens, probes, closes.
 
-The server, started by the test on a free loopback port, answers 500 to its
+The server, started by the test on a free loopback port, returns 500 for its
 first requests (an outage), then 200. Items are fetched on the thread
 backend with urllib, through a circuit breaker keyed by host and a retry
 policy, with backoff waits removed by `batchtools.testing.fast_retries`.
@@ -29,7 +29,7 @@ OUTAGE = 6
 
 
 class FlakyServer(ThreadingHTTPServer):
-    """Answers 500 to the first `OUTAGE` requests and 200 afterwards."""
+    """Returns 500 for the first `OUTAGE` requests and 200 afterwards."""
 
     daemon_threads = True
 
@@ -91,11 +91,11 @@ def fetch(url: str) -> str:
             text: str = response.read().decode()
             return text
     except urllib.error.HTTPError as error:
-        error.close()  # it holds the response and its socket
+        error.close()  # it keeps the response and its socket open
         raise
 
 
-def test_breaker_opens_probes_and_closes_against_a_flaky_server(
+def test_breaker_against_flaky_server(
     server: FlakyServer,
 ) -> None:
     urls = [f"{server.base}/item/{n}" for n in range(40)]

@@ -35,7 +35,7 @@ def test_increments_under_one_key_never_interleave() -> None:
 
 
 def test_other_keys_run_while_one_key_is_held() -> None:
-    # The item of folder a waits until the item of folder b has run; with
+    # The item of folder a waits until the item of folder b has run. With
     # one global lock instead of one per key, it would wait forever.
     b_ran = threading.Event()
 
@@ -53,7 +53,7 @@ def test_other_keys_run_while_one_key_is_held() -> None:
     assert report.ok
 
 
-def test_at_most_one_item_per_key_runs_at_once() -> None:
+def test_lock_key_one_item_per_key() -> None:
     running: collections.Counter[str] = collections.Counter()
     worst: collections.Counter[str] = collections.Counter()
     lock = threading.Lock()
@@ -75,7 +75,7 @@ def test_at_most_one_item_per_key_runs_at_once() -> None:
     assert worst == {"x": 1, "y": 1, "z": 1}
 
 
-def test_a_failing_lock_key_fails_only_its_item() -> None:
+def test_failing_lock_key_fails_item() -> None:
     def key_of(item: int) -> int:
         if item == 3:
             raise ValueError("no key for 3")
@@ -92,7 +92,7 @@ def test_a_failing_lock_key_fails_only_its_item() -> None:
     assert "no key for 3" in str(failed.error)
 
 
-def test_a_stop_cancels_items_waiting_for_a_key() -> None:
+def test_stop_cancels_key_waiters() -> None:
     async def main() -> batchtools.Report:
         from batchtools.engine._api import build_engine, prepare
 

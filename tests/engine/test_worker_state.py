@@ -16,7 +16,7 @@ from batchtools.journal import iter_items
 from tests.engine import tasks
 
 
-def test_thread_workers_each_set_up_once_and_tear_down_their_own_state() -> None:
+def test_thread_setup_and_teardown_per_thread() -> None:
     lock = threading.Lock()
     made: list[str] = []
     closed: list[str] = []
@@ -50,7 +50,7 @@ def test_thread_workers_each_set_up_once_and_tear_down_their_own_state() -> None
         assert state == thread
 
 
-def test_async_setup_runs_once_and_every_coroutine_shares_it() -> None:
+def test_async_setup_shared_by_coroutines() -> None:
     events: list[str] = []
 
     class Client:
@@ -101,7 +101,7 @@ def test_process_workers_keep_their_own_state(tmp_path: Path) -> None:
     assert sorted(closed) == sorted(str(pid) for pid in pids)
 
 
-def test_thread_setup_failure_stops_the_run_before_any_attempt() -> None:
+def test_thread_setup_failure_stops_run() -> None:
     calls: list[int] = []
 
     def setup() -> None:
@@ -118,7 +118,7 @@ def test_thread_setup_failure_stops_the_run_before_any_attempt() -> None:
     assert "the database refused the connection" in message
 
 
-def test_async_setup_failure_stops_the_run_before_any_attempt() -> None:
+def test_async_setup_failure_stops_run() -> None:
     calls: list[int] = []
 
     async def task(item: int) -> None:
@@ -185,7 +185,7 @@ def stop_when(engine: Any, condition: Any) -> asyncio.Task[None]:
 
 
 @pytest.mark.parametrize("backend", ["thread", "process"])
-def test_a_stop_ends_a_setup_that_hangs(tmp_path: Path, backend: str) -> None:
+def test_stop_ends_hanging_setup(tmp_path: Path, backend: str) -> None:
     from batchtools.engine._api import build_engine, prepare
 
     started = tmp_path / "setup-started"
@@ -255,14 +255,14 @@ def test_commands_take_no_setup_function() -> None:
         batchtools.run(["a"], "echo {}", setup=lambda: None)
 
 
-def test_a_setup_that_is_not_callable_is_rejected() -> None:
+def test_uncallable_setup_is_rejected() -> None:
     bad: Any = "connect"
 
     with pytest.raises(ConfigurationError, match="setup='connect'"):
         batchtools.run([1], lambda item: item, setup=bad)
 
 
-def test_process_workers_are_replaced_after_their_share_of_items() -> None:
+def test_process_workers_recycled() -> None:
     report = batchtools.run(
         range(40),
         tasks.pid_of_worker,
@@ -279,7 +279,7 @@ def test_process_workers_are_replaced_after_their_share_of_items() -> None:
     assert report.workers_lost == 0
 
 
-def test_worker_over_its_memory_limit_fails_its_item_and_the_pool_goes_on() -> None:
+def test_memory_limit_fails_only_its_item() -> None:
     items = ["a", "b", "big", "c", "d", "e"]
 
     report = batchtools.run(
@@ -318,7 +318,7 @@ def test_worker_limits_need_the_process_backend(backend: str) -> None:
         )
 
 
-def test_memory_limit_below_an_idle_worker_aborts_the_run() -> None:
+def test_memory_limit_below_idle_aborts() -> None:
     with pytest.raises(RunAbortedError) as caught:
         batchtools.run(
             range(3),

@@ -178,8 +178,8 @@ def test_every_transition_is_in_the_table(steps: list[tuple[float, bool]]) -> No
 def test_shortcuts_of_the_unkeyed_circuit_change_no_decision(
     steps: list[tuple[float, bool]],
 ) -> None:
-    # The one circuit of an unkeyed breaker skips work while it is healthy;
-    # a keyed breaker with a constant key takes the full path every time.
+    # The one circuit of an unkeyed breaker skips work while it is healthy,
+    # but a keyed breaker with a constant key takes the full path every time.
     clock = FakeClock()
     options: dict[str, Any] = {
         "window": 6,

@@ -131,7 +131,7 @@ def test_run_starts_nothing_while_memory_is_short() -> None:
     assert report.paused_seconds > 0
 
 
-def test_a_stop_ends_the_pause_and_leaves_items_for_resume() -> None:
+def test_stop_ends_memory_pause() -> None:
     async def main() -> batchtools.Report:
         from batchtools.engine._api import build_engine, prepare
 

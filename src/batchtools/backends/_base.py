@@ -135,7 +135,7 @@ class TaskSpec:
         module = getattr(function, "__module__", None) or "?"
         qualname = getattr(function, "__qualname__", None) or repr(function)
         if " at 0x" in qualname:
-            # An instance's default repr holds its address, which changes from
+            # An instance's default repr contains its address, which changes from
             # one process to the next; its type's name does not.
             qualname = type(function).__qualname__
         return cls(function, wants_context, f"{module}:{qualname}")

@@ -330,7 +330,7 @@ class ThreadBackend(Backend):
         try:
             self._loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:
-            pass  # The loop has closed, so nobody waits any more.
+            pass  # The loop has closed, so no caller waits any more.
 
     def _deliver(
         self, call: Call, future: asyncio.Future[Any], ok: bool, value: Any

@@ -1,4 +1,4 @@
-"""What a pipeline reports: outcomes that name their stage, and per-stage figures."""
+"""Pipeline reports: outcomes that name their stage, and per-stage figures."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@
 - ``max_items_per_worker``: a process worker is replaced after this many
   items, so a task that leaks memory starts afresh now and then.
 
-The pause is written here because it is part of admission: the engine asks
+The pause is written here because it is part of admission: the engine queries
 the `MemoryGate` before each start, and the gate reads the available memory
 at most once per ``check_every`` seconds, so a fast run does not pay a
 system call per item. The reading function and the clock are injectable.
