@@ -5,12 +5,15 @@ The tree, grouped by what the caller can do about each family::
     BatchtoolsError
     ├── ConfigurationError        fix the options, job file or task; nothing ran
     │   ├── TemplateError         a command template that cannot be rendered
-    │   └── GraphCycleError       the tasks of a graph depend on each other in a cycle
+    │   ├── GraphCycleError       the tasks of a graph depend on each other in a cycle
+    │   └── SecretMissingError    a secret's source has no value (unset, no file)
     ├── JournalError              the journal cannot be used; committed work is kept
     │   ├── JournalLockedError    another live process holds the journal
     │   ├── JournalMismatchError  the journal belongs to a different run
     │   └── CacheError            the result cache file cannot be read or written
+    ├── LockTimeoutError          a file lock was not free within its timeout
     ├── QueueClosedError          a priority queue accepts no more items
+    ├── WriteRecoveryError        an interrupted multi-file write cannot be repaired
     ├── RunAbortedError           the run could not go on (exit status 3)
     └── AttemptError              one attempt failed; kept in outcomes, never raised
         ├── AttemptTimeoutError   the attempt ran past its timeout
@@ -21,8 +24,10 @@ The tree, grouped by what the caller can do about each family::
         ├── MemoryLimitError      a worker process used more memory than allowed
         ├── PoolTimeoutError      no pooled resource was free within the timeout
         ├── WorkerLostError       the worker process died during the attempt
-        └── RemoteError           stand-in for an exception that could not be
-                                  sent back from a worker process
+        │   └── DaskWorkerLostError   a Dask worker was lost while it held the attempt
+        ├── RemoteError           stand-in for an exception that could not be
+        │                         sent back from a worker process
+        └── SecretExpiredError    the attempt read a secret after its expiry
 
 Every exception keeps its facts as attributes and builds its text from them,
 and each one pickles, so it crosses the process boundary intact.
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Hashable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 
@@ -118,6 +124,31 @@ class GraphCycleError(ConfigurationError):
         return (type(self), (self.cycle,))
 
 
+class LockTimeoutError(BatchtoolsError, TimeoutError):
+    """A file lock was not free within the timeout.
+
+    Attributes:
+        path: The lock file.
+        timeout: Seconds the caller waited.
+        holder_pid: The pid of the process that holds the lock, or ``None``
+            when it is unknown.
+    """
+
+    def __init__(self, path: str, timeout: float, holder_pid: int | None) -> None:
+        super().__init__(path, timeout, holder_pid)
+        self.path = path
+        self.timeout = timeout
+        self.holder_pid = holder_pid
+
+    def __str__(self) -> str:
+        holder = f"process {self.holder_pid}" if self.holder_pid else "another process"
+        return (
+            f"lock file '{self.path}' was not free within {self.timeout:g} s "
+            f"because {holder} holds it; wait for it to finish or stop it, or "
+            "give a longer timeout"
+        )
+
+
 class QueueClosedError(BatchtoolsError, RuntimeError):
     """An item was put into a priority queue that accepts no more items.
 
@@ -131,6 +162,26 @@ class QueueClosedError(BatchtoolsError, RuntimeError):
 
     def __str__(self) -> str:
         return f"the priority queue accepts no more items: {self.reason}"
+
+
+class WriteRecoveryError(BatchtoolsError):
+    """The record of an interrupted multi-file write cannot be used or carried out.
+
+    The record stays where it is, so a later recovery can try again once the
+    cause is fixed.
+
+    Attributes:
+        path: The record, or the folder that keeps the records.
+        message: What is wrong and what to do about it.
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(path, message)
+        self.path = path
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
 
 
 class RunAbortedError(BatchtoolsError):
@@ -315,6 +366,28 @@ class WorkerLostError(AttemptError):
         return f"worker process exited with status {self.exit_status}"
 
 
+class DaskWorkerLostError(WorkerLostError):
+    """A Dask worker died, or left the cluster, while it held the attempt.
+
+    The scheduler reports the loss without an exit status, so
+    ``exit_status`` is ``None``.
+
+    Attributes:
+        address: The lost worker's address, such as ``tcp://10.0.0.7:40211``.
+    """
+
+    def __init__(self, address: str) -> None:
+        super().__init__(None)
+        self.args = (address,)
+        self.address = address
+
+    def __str__(self) -> str:
+        return f"Dask worker {self.address} was lost while it held the attempt"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.address,))
+
+
 class RemoteError(AttemptError):
     """Stand-in for an exception raised in a worker that could not be pickled.
 
@@ -332,6 +405,52 @@ class RemoteError(AttemptError):
 
     def __str__(self) -> str:
         return f"{self.type_name}: {self.message}"
+
+
+class SecretMissingError(ConfigurationError):
+    """A secret's source has no value, or the secret was never registered.
+
+    Attributes:
+        name: The secret's name.
+        source: Where the value was to come from, such as ``env:DB_PASS``.
+        reason: What is missing and how to provide it.
+    """
+
+    def __init__(self, name: str, source: str, reason: str) -> None:
+        super().__init__(name, source, reason)
+        self.name = name
+        self.source = source
+        self.reason = reason
+
+    def __str__(self) -> str:
+        where = f" ({self.source})" if self.source else ""
+        return f"secret {self.name!r}{where} is missing: {self.reason}"
+
+
+class SecretExpiredError(AttemptError):
+    """The attempt read a secret whose expiry time had passed.
+
+    Attributes:
+        name: The secret's name.
+        expires_at: When the secret expired, in seconds since the epoch, on
+            the clock of its store.
+    """
+
+    def __init__(self, name: str, expires_at: float) -> None:
+        super().__init__(name, expires_at)
+        self.name = name
+        self.expires_at = expires_at
+
+    def __str__(self) -> str:
+        try:
+            when = datetime.fromtimestamp(self.expires_at, UTC)
+            moment = when.isoformat(timespec="seconds")
+        except (OverflowError, OSError, ValueError):
+            moment = f"{self.expires_at:g} s after the epoch"
+        return (
+            f"secret {self.name!r} expired at {moment}; renew it and run the "
+            "failed items again"
+        )
 
 
 def format_size(size: int) -> str:

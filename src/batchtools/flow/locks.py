@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-import stat
 import threading
 import time
 import weakref
@@ -50,6 +49,7 @@ from typing import Any, NamedTuple
 import filelock
 
 from batchtools._exceptions import ConfigurationError
+from batchtools.fs.lock import canonical_path, make_private_directory
 from batchtools.journal._state_store import (
     DEFAULT_BUSY_TIMEOUT,
     SharedState,
@@ -398,7 +398,7 @@ class KeyedLock:
                 f"poll_interval={poll_interval!r} is invalid; give a positive "
                 "number of seconds"
             )
-        self.directory = None if directory is None else _canonical(directory)
+        self.directory = None if directory is None else canonical_path(directory)
         self.stripes = stripes
         self.poll_interval = float(poll_interval)
         self._pid = 0
@@ -548,7 +548,7 @@ def _tables_of(directory: Path, stripes: int, poll_interval: float) -> _ProcessT
     with _tables_lock:
         tables = _tables.get(directory)
         if tables is None:
-            _make_private_directory(directory, "lock directory")
+            make_private_directory(directory, "lock directory")
             _check_stripes(directory, stripes)
             tables = _ProcessTables(_StripeTable(directory, poll_interval), stripes)
             _tables[directory] = tables
@@ -604,45 +604,6 @@ def _stripes_mismatch(
         f"stripes={recorded}, and this lock has stripes={stripes}; every lock "
         "on one directory must use the same number"
     )
-
-
-def _make_private_directory(directory: Path, label: str) -> None:
-    try:
-        info = directory.lstat()
-    except FileNotFoundError:
-        info = None
-    except OSError as error:
-        raise ConfigurationError(
-            f"invalid {label} '{directory}': it cannot be read ({error.strerror})"
-        ) from error
-    if info is not None and stat.S_ISLNK(info.st_mode):
-        raise ConfigurationError(
-            f"invalid {label} '{directory}': it is a symbolic link; give the real "
-            "directory's path instead"
-        )
-    if info is not None and not stat.S_ISDIR(info.st_mode):
-        raise ConfigurationError(
-            f"invalid {label} '{directory}': it is not a directory; give a "
-            "directory path"
-        )
-    if info is None:
-        try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as error:
-            raise ConfigurationError(
-                f"invalid {label} '{directory}': it cannot be created "
-                f"({error.strerror}); give a path in a folder you can write to"
-            ) from error
-
-
-def _canonical(directory: str | os.PathLike[str]) -> Path:
-    """Return ``directory`` with its parents resolved, so each has one spelling.
-
-    The last component is kept, so that a symbolic link there is rejected
-    instead of followed.
-    """
-    path = Path(directory).absolute()
-    return path.parent.resolve() / path.name
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -710,8 +671,8 @@ def open_run_resources(
         ConfigurationError: An option is out of range, or the directory or
             a file in it cannot be used, with the reason and the fix.
     """
-    folder = _canonical(directory)
-    _make_private_directory(folder, "run resources directory")
+    folder = canonical_path(directory)
+    make_private_directory(folder, "run resources directory")
     lock = KeyedLock(folder / "locks", stripes=stripes, poll_interval=poll_interval)
     shared = SharedState(folder / "shared.db", busy_timeout=busy_timeout)
     return RunResources(lock, shared, folder)
