@@ -18,7 +18,9 @@ from pathlib import Path
 
 import async_journal
 import async_noop
+import dask_noop
 import graph_overhead
+import grep_speed
 import journal_resume
 import pipeline_memory
 import policy_overhead
@@ -48,6 +50,8 @@ WORKLOADS: list[Callable[[Config], WorkloadResult]] = [
     policy_overhead.measure,
     graph_overhead.measure,
     pipeline_memory.measure,
+    grep_speed.measure,
+    dask_noop.measure,
 ]
 
 

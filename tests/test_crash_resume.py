@@ -347,11 +347,14 @@ def _complete_exit_statuses(results: Path) -> int:
 
 
 def _result_files(results: Path) -> dict[str, bytes]:
-    """Return the content of every file under ``results``, by relative path."""
+    """Return the content of every item's file under ``results``, by relative path.
+
+    The folder's lock and its holder record are left out.
+    """
     return {
         str(path.relative_to(results)): path.read_bytes()
         for path in sorted(results.rglob("*"))
-        if path.is_file()
+        if path.is_file() and path.parent != results
     }
 
 

@@ -4,6 +4,8 @@ The entry points are `run` (returns a `Report`), `stream` (yields
 outcomes as they finish) and their async twins `arun` and `astream`.
 """
 
+import typing as _typing
+
 from batchtools._exceptions import (
     AttemptError,
     AttemptTimeoutError,
@@ -12,21 +14,27 @@ from batchtools._exceptions import (
     CircuitOpenError,
     CommandFailedError,
     ConfigurationError,
+    DaskWorkerLostError,
     FallbackError,
     GraphCycleError,
     ItemsFailedError,
     JournalError,
     JournalLockedError,
     JournalMismatchError,
+    LockTimeoutError,
     MemoryLimitError,
     PoolTimeoutError,
     QueueClosedError,
     RemoteError,
     RunAbortedError,
+    SecretExpiredError,
+    SecretMissingError,
     TemplateError,
     WorkerLostError,
+    WriteRecoveryError,
 )
 from batchtools.backends._base import Context
+from batchtools.backends._cluster import DaskCluster
 from batchtools.engine._api import AsyncStream, Stream, arun, astream, run, stream
 from batchtools.engine._engine import Interrupted, Observer
 from batchtools.engine._halt import Halt
@@ -42,6 +50,15 @@ from batchtools.flow import (
     SyncPriorityQueue,
     Transaction,
 )
+from batchtools.fs import (
+    FileLock,
+    atomic_write,
+    atomic_write_many,
+    atomic_writer,
+    read_many,
+    recover_writes,
+    write_many,
+)
 from batchtools.policy import (
     Backoff,
     Cache,
@@ -55,14 +72,39 @@ from batchtools.policy import (
     parse_duration,
     parse_size,
 )
+from batchtools.secrets import SecretStore
+
+if _typing.TYPE_CHECKING:
+    from batchtools.fs.grep import grep
+    from batchtools.observe.audit import AuditLog
+    from batchtools.observe.metrics import Metrics
 
 __version__ = "0.1.0"
+
+# Loaded on first use, so that `import batchtools` and every command of the
+# CLI do not pay for the search workers, the HTTP server and the audit log.
+_LAZY = {
+    "grep": "batchtools.fs.grep",
+    "AuditLog": "batchtools.observe.audit",
+    "Metrics": "batchtools.observe.metrics",
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batchtools' has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(module), name)
+
 
 __all__ = [
     "AsyncStream",
     "Attempt",
     "AttemptError",
     "AttemptTimeoutError",
+    "AuditLog",
     "Backoff",
     "BatchtoolsError",
     "Cache",
@@ -73,9 +115,12 @@ __all__ = [
     "Concurrency",
     "ConfigurationError",
     "Context",
+    "DaskCluster",
+    "DaskWorkerLostError",
     "FailureGroup",
     "Fallback",
     "FallbackError",
+    "FileLock",
     "Graph",
     "GraphCycleError",
     "Halt",
@@ -85,8 +130,10 @@ __all__ = [
     "JournalLockedError",
     "JournalMismatchError",
     "KeyedLock",
+    "LockTimeoutError",
     "Memory",
     "MemoryLimitError",
+    "Metrics",
     "Observer",
     "Outcome",
     "Pipeline",
@@ -99,6 +146,9 @@ __all__ = [
     "ResourcePool",
     "Retry",
     "RunAbortedError",
+    "SecretExpiredError",
+    "SecretMissingError",
+    "SecretStore",
     "SharedState",
     "Stage",
     "State",
@@ -108,10 +158,18 @@ __all__ = [
     "TemplateError",
     "Transaction",
     "WorkerLostError",
+    "WriteRecoveryError",
     "arun",
     "astream",
+    "atomic_write",
+    "atomic_write_many",
+    "atomic_writer",
+    "grep",
     "parse_duration",
     "parse_size",
+    "read_many",
+    "recover_writes",
     "run",
     "stream",
+    "write_many",
 ]

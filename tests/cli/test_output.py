@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.cli.support import run_cli, started_cli
@@ -85,7 +87,7 @@ def test_invalid_utf8_output_kept_in_results(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     assert result.stdout == _EXPECTED_STDOUT
     assert b"err \xb2\x97\n" in result.stderr
-    folders = list(results.iterdir())
+    folders = [path for path in results.iterdir() if path.is_dir()]
     assert len(folders) == 1
     assert (folders[0] / "stdout").read_bytes() == _EXPECTED_STDOUT
     assert (folders[0] / "stderr").read_bytes() == b"err \xb2\x97\n"
@@ -115,3 +117,46 @@ def test_summary_goes_to_stderr_only(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     assert result.stdout == b"out\nout\n"
     assert b"2 succeeded" in result.stderr
+
+
+def _wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_second_run_waits_for_a_shared_results_folder(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    first_log, second_log = tmp_path / "first.err", tmp_path / "second.err"
+    # The first run's command says it started, then waits for the gate.
+    gated = "echo first; : > started; while [ ! -e gate ]; do sleep 0.02; done"
+    first_arguments: list[str | Path] = ["run", "--no-journal", "--results", results]
+    first_arguments += ["sh", "-c", gated, "sh", ":::", "same"]
+    second_arguments: list[str | Path] = ["run", "--no-journal", "--results", results]
+    second_arguments += ["sh", "-c", "echo second", "sh", ":::", "same"]
+
+    with (
+        open(first_log, "wb") as first_err,
+        open(second_log, "wb") as second_err,
+        started_cli(first_arguments, tmp_path, stderr=first_err) as first,
+    ):
+        _wait_until((tmp_path / "started").exists, "the first command")
+        with started_cli(second_arguments, tmp_path, stderr=second_err) as second:
+            _wait_until(
+                lambda: b"waiting for --results" in second_log.read_bytes(),
+                "the second run to wait",
+            )
+            assert second.poll() is None
+            (tmp_path / "gate").touch()
+            assert first.wait(timeout=60) == 0
+            assert second.wait(timeout=60) == 0
+
+    [folder] = [path for path in results.iterdir() if path.is_dir()]
+    assert (folder / "stdout").read_bytes() == b"second\n"
+    assert (folder / "exit_status").read_text() == "0\n"
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "exit_status",
+        "stderr",
+        "stdout",
+    ]

@@ -21,9 +21,12 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchtools.policy.fallback import Fallback
+
+if TYPE_CHECKING:
+    from batchtools.secrets._store import TaskSecrets
 
 
 @dataclass(slots=True)
@@ -43,6 +46,7 @@ class Context:
             executing this attempt (a database connection, say), or ``None``.
         resources: The folder of the run's keyed lock and shared store, or
             ``None``; read them as `lock` and `shared`.
+        secrets: The run's secrets, or ``None``; read one with `secret`.
     """
 
     run_id: str
@@ -53,6 +57,20 @@ class Context:
     cancelled: threading.Event | None = field(default=None, compare=False)
     state: Any = field(default=None, compare=False)
     resources: str | None = field(default=None, compare=False)
+    secrets: TaskSecrets | None = field(default=None, compare=False, repr=False)
+
+    def secret(self, name: str) -> str:
+        """Return the value of the run's secret ``name``.
+
+        Raises:
+            SecretMissingError: The run has no secret of that name.
+            SecretExpiredError: The secret has expired; the attempt fails.
+        """
+        if self.secrets is None:
+            from batchtools.secrets._store import missing_context_secret
+
+            raise missing_context_secret(name)
+        return self.secrets[name]
 
     @property
     def lock(self) -> Any:
@@ -73,6 +91,7 @@ class Context:
         # The event cannot cross to a worker process; a process task is
         # stopped by killing its worker instead. The worker sets its own state.
         # The lock and the store travel as their folder, opened on first use.
+        # Secrets travel as a snapshot of their values (see TaskSecrets).
         return (
             self.run_id,
             self.key,
@@ -80,6 +99,7 @@ class Context:
             self.seq,
             self.idempotency_key,
             self.resources,
+            self.secrets,
         )
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
@@ -90,6 +110,7 @@ class Context:
             self.seq,
             self.idempotency_key,
             self.resources,
+            self.secrets,
         ) = state
         self.cancelled = None
         self.state = None
@@ -224,6 +245,9 @@ class Backend(ABC):
     """
 
     name: str = ""
+    runs_commands: bool = False
+    """Whether attempts run command templates, so that the value of a batch is
+    one command's result rather than one value per item."""
 
     def __init__(self, concurrency: int) -> None:
         self.concurrency = concurrency

@@ -269,6 +269,23 @@ def _encode_error(error: BaseException) -> bytes:
     )
 
 
+def decode_error(data: bytes | memoryview) -> BaseException:
+    """Rebuild an exception encoded by `_encode_error`."""
+    type_name, message, traceback_text, exception_bytes = pickle.loads(data)
+    error: BaseException | None = None
+    if exception_bytes is not None:
+        try:
+            loaded = pickle.loads(exception_bytes)
+        except Exception:
+            loaded = None
+        if isinstance(loaded, BaseException):
+            error = loaded
+    if error is None:
+        error = RemoteError(type_name, message, traceback_text)
+    error.__cause__ = RemoteTraceback(traceback_text)
+    return error
+
+
 class _ChunkRunner:
     """Executes chunks inside a worker process and reports through the journal."""
 
@@ -1353,20 +1370,7 @@ class ProcessBackend(Backend):
         return failure
 
     def _decode_error(self, data: memoryview) -> BaseException:
-        """Rebuild an exception encoded by `_encode_error`."""
-        type_name, message, traceback_text, exception_bytes = pickle.loads(data)
-        error: BaseException | None = None
-        if exception_bytes is not None:
-            try:
-                loaded = pickle.loads(exception_bytes)
-            except Exception:
-                loaded = None
-            if isinstance(loaded, BaseException):
-                error = loaded
-        if error is None:
-            error = RemoteError(type_name, message, traceback_text)
-        error.__cause__ = RemoteTraceback(traceback_text)
-        return error
+        return decode_error(data)
 
     # --- Stopping queued calls --------------------------------------------
 

@@ -15,7 +15,9 @@ reaches batchtools only and the engine decides what to stop. Its stdin is
 Output rules:
 
 * stdout and stderr are captured byte for byte, each up to 8 MiB in memory
-  and beyond that in a temporary file (see `CapturedOutput`).
+  and beyond that in a temporary file (see `CapturedOutput`). With a
+  `SecretStore`, each stream passes through a `StreamRedactor` as it is
+  read, so secret values are stored as ``***`` even when a read splits one.
 * After the command's process exits, its pipes are read until end of file,
   or until no data has arrived for 100 ms, and for about 1 s at most. A
   background process that still has a pipe open therefore delays the
@@ -52,13 +54,16 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import psutil
 
 from batchtools._exceptions import CommandFailedError, RunAbortedError
 from batchtools.backends._base import Backend, Call
 from batchtools.backends._command import CommandTemplate
+
+if TYPE_CHECKING:
+    from batchtools.secrets import SecretStore, StreamRedactor
 
 logger = logging.getLogger(__name__)
 
@@ -330,6 +335,7 @@ class _Command:
         "pipes",
         "poll_handle",
         "reaped",
+        "redactors",
         "slot",
         "started",
         "stderr",
@@ -349,6 +355,8 @@ class _Command:
         self.ended = started
         self.pidfd = -1
         self.pipes: dict[int, CapturedOutput] = {}
+        # One redactor per pipe, when the run has secrets.
+        self.redactors: dict[int, StreamRedactor] = {}
         self.stdout = CapturedOutput()
         self.stderr = CapturedOutput()
         self.exit_status: int | None = None
@@ -385,9 +393,13 @@ class SubprocessBackend(Backend):
             this process's stdout and stderr and the results hold no output.
         batched: The engine hands over a list of items per attempt (``-n``)
             instead of a single item.
+        secrets: Secrets set in each command's environment under their
+            names, and redacted from its captured output. A secret that has
+            expired fails the attempt before the command starts.
     """
 
     name = "subprocess"
+    runs_commands = True
 
     def __init__(
         self,
@@ -398,6 +410,7 @@ class SubprocessBackend(Backend):
         kill_grace: float = 2.0,
         capture: bool = True,
         batched: bool = False,
+        secrets: SecretStore | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -408,6 +421,7 @@ class SubprocessBackend(Backend):
         self.kill_grace = kill_grace
         self.capture = capture
         self.batched = batched
+        self.secrets = secrets
         source = os.environ if env is None else env
         # Encoded once here: posix_spawn would otherwise encode os.environ
         # entry by entry for every command, a measurable share of a short
@@ -578,6 +592,7 @@ class SubprocessBackend(Backend):
         path = self._find_program(argv[0])
         if path is None:
             raise _spawn_failure(argv, 127, b"command not found")
+        environment = self._environment_for(call)
 
         file_actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_DUP2, self._devnull, 0)]
         read_ends: list[int] = []
@@ -590,7 +605,7 @@ class SubprocessBackend(Backend):
                 file_actions.append((os.POSIX_SPAWN_DUP2, write_end, target))
         try:
             started = time.monotonic()
-            pid = self._posix_spawn(path, argv, file_actions)
+            pid = self._posix_spawn(path, argv, file_actions, environment)
         except BaseException:
             for descriptor in read_ends:
                 os.close(descriptor)
@@ -604,16 +619,39 @@ class SubprocessBackend(Backend):
         loop = asyncio.get_running_loop()
         if self.capture:
             command.pipes = {read_ends[0]: command.stdout, read_ends[1]: command.stderr}
+            if self.secrets is not None and self.secrets.redactor:
+                redactor = self.secrets.redactor
+                command.redactors = {end: redactor.stream() for end in read_ends}
             for descriptor in read_ends:
                 os.set_blocking(descriptor, False)
                 loop.add_reader(descriptor, self._on_output, command, descriptor)
         self._watch_exit(loop, command)
         return command
 
+    def _environment_for(self, call: Call) -> dict[bytes, bytes]:
+        """Return the command's environment: the backend's, plus the secrets.
+
+        Raises:
+            SecretExpiredError: A secret has expired; nothing is spawned.
+        """
+        if self.secrets is None or not len(self.secrets):
+            return self._environment
+        context = call.context
+        secrets = self.secrets.environment(
+            run_id=context.run_id, key=context.key, attempt=context.attempt
+        )
+        environment = dict(self._environment)
+        for name, value in secrets.items():
+            environment[os.fsencode(name)] = os.fsencode(value)
+        return environment
+
     def _posix_spawn(
-        self, path: bytes, argv: list[bytes], file_actions: list[tuple[Any, ...]]
+        self,
+        path: bytes,
+        argv: list[bytes],
+        file_actions: list[tuple[Any, ...]],
+        environment: dict[bytes, bytes],
     ) -> int:
-        environment = self._environment
         try:
             return os.posix_spawn(
                 path,
@@ -685,7 +723,7 @@ class SubprocessBackend(Backend):
                 self._close_pipe(command, descriptor)
                 self._check_finished(command)
                 return
-            output.append(data)
+            _store(command, descriptor, output, data)
             command.data_arrived = True
             if len(data) < _READ_SIZE:
                 return
@@ -802,12 +840,19 @@ class SubprocessBackend(Backend):
                 if not data:
                     self._close_pipe(command, descriptor)
                     break
-                output.append(data)
+                _store(command, descriptor, output, data)
                 command.data_arrived = True
 
     def _close_pipe(self, command: _Command, descriptor: int) -> None:
-        if command.pipes.pop(descriptor, None) is None:
+        output = command.pipes.pop(descriptor, None)
+        if output is None:
             return
+        redactor = command.redactors.pop(descriptor, None)
+        if redactor is not None:
+            # The bytes held back in case a secret went on in the next read.
+            tail = redactor.flush()
+            if tail:
+                output.append(tail)
         asyncio.get_running_loop().remove_reader(descriptor)
         os.close(descriptor)
 
@@ -891,6 +936,18 @@ class SubprocessBackend(Backend):
         alive = [process for process in command.descendants if _is_alive(process)]
         command.descendants = alive
         return bool(alive)
+
+
+def _store(
+    command: _Command, descriptor: int, output: CapturedOutput, data: bytes
+) -> None:
+    """Append bytes read from a pipe to its output, redacted if the run has secrets."""
+    redactor = command.redactors.get(descriptor)
+    if redactor is not None:
+        data = redactor.feed(data)
+        if not data:
+            return
+    output.append(data)
 
 
 def _descendants_of(command: _Command) -> list[psutil.Process]:

@@ -156,6 +156,8 @@ class RunTable(_Strict):
     serialize_by: str | None = None
     priority: str | None = None
     priority_aging: float | int | None = None
+    scheduler: str | None = None
+    local_cluster: Count = None
 
 
 class InputTable(_Strict):

@@ -13,9 +13,11 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO
 from batchtools._exceptions import CommandFailedError
 from batchtools.backends._subprocess import CommandResult
 from batchtools.engine._outcome import Outcome, Report, State
+from batchtools.fs.atomic import atomic_write, atomic_writer
 
 if TYPE_CHECKING:
     from batchtools.engine._engine import Engine
+    from batchtools.secrets import Redactor
 
 
 class OutputWriter:
@@ -31,6 +33,9 @@ class OutputWriter:
         write_stderr: Writes text to the terminal's stderr (above a progress
             line, when one is shown).
         quiet: Print nothing but the commands' own output.
+        redactor: Replaces secret values in what is written: a Python
+            task's value and the text of an error. A command's output is
+            redacted as the subprocess backend captures it.
     """
 
     def __init__(
@@ -40,8 +45,10 @@ class OutputWriter:
         *,
         stdout: BinaryIO | None = None,
         stderr: BinaryIO | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self._results = results
+        self._redactor = redactor
         self._stdout = stdout if stdout is not None else sys.stdout.buffer
         self._stderr = stderr if stderr is not None else sys.stderr.buffer
         self._stdout_tty = _isatty(self._stdout)
@@ -76,9 +83,7 @@ class OutputWriter:
             if result is not None:
                 self._pass_through(result)
             elif outcome.state is State.SUCCEEDED and outcome.value is not None:
-                self._write_stdout(
-                    f"{outcome.value}\n".encode("utf-8", "surrogateescape")
-                )
+                self._write_stdout(self._value_line(outcome.value))
             if self._results is not None:
                 self._keep(outcome, result)
         finally:
@@ -143,16 +148,27 @@ class OutputWriter:
         assert self._results is not None
         folder = self._results / f"{outcome.seq + 1:06d}-{outcome.key[:16]}"
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "stdout", "wb") as out:
+        # Each file is replaced whole, so a killed run or a second run over
+        # the same folder never leaves a torn file. The run's lock on the
+        # folder makes the second run wait. No syncs: a lost file after a
+        # power loss costs less than a sync per file.
+        with atomic_writer(folder / "stdout", durable=False) as out:
             if result is not None:
                 result.write_stdout_to(out)
             elif outcome.value is not None:
-                out.write(f"{outcome.value}\n".encode("utf-8", "surrogateescape"))
-        with open(folder / "stderr", "wb") as err:
+                out.write(self._value_line(outcome.value))
+        with atomic_writer(folder / "stderr", durable=False) as err:
             if result is not None:
                 result.write_stderr_to(err)
-        status = _status_text(outcome, result)
-        (folder / "exit_status").write_text(status + "\n")
+        status = self._redact(_status_text(outcome, result))
+        atomic_write(folder / "exit_status", status + "\n", durable=False)
+
+    def _redact(self, text: str) -> str:
+        return text if self._redactor is None else self._redactor.redact(text)
+
+    def _value_line(self, value: Any) -> bytes:
+        """Return a Python task's value as the line written for it."""
+        return f"{self._redact(str(value))}\n".encode("utf-8", "surrogateescape")
 
 
 def _isatty(stream: IO[Any]) -> bool:

@@ -32,14 +32,22 @@ from batchtools._exceptions import (
     ConfigurationError,
     JournalError,
     JournalMismatchError,
+    LockTimeoutError,
     RunAbortedError,
 )
 from batchtools.backends._base import TaskSpec
+from batchtools.backends._cluster import cluster_backend
+from batchtools.cli._cluster_options import (
+    apply_cluster_overrides,
+    cluster_options,
+    cluster_override_options,
+)
 from batchtools.cli._inputs import InputSpec, Source, split_command
 from batchtools.cli._output import OutputWriter
 from batchtools.engine._api import build_engine, open_journal, prepare, signal_handlers
 from batchtools.engine._engine import Observer
 from batchtools.engine._outcome import Report
+from batchtools.fs.lock import FileLock
 from batchtools.journal import (
     Journal,
     RunRecord,
@@ -49,6 +57,7 @@ from batchtools.journal import (
     read_run,
 )
 from batchtools.observe._summary import preview, summary_lines
+from batchtools.observe.audit import AuditLog
 from batchtools.policy.cache import Cache
 from batchtools.policy.circuit_breaker import CircuitBreaker
 from batchtools.policy.concurrency import Concurrency
@@ -56,11 +65,14 @@ from batchtools.policy.fallback import Fallback
 from batchtools.policy.memory import Memory
 from batchtools.policy.rate_limit import RateLimit
 from batchtools.policy.retry import Retry
+from batchtools.secrets import SecretStore, redact_logs
 
 if TYPE_CHECKING:
     from batchtools.observe._progress import Progress
+    from batchtools.observe.metrics import Metrics
 
 JOURNAL_FOLDER = Path(".batchtools")
+RESULTS_LOCK = ".batchtools-results.lock"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 3
 # Like a program killed by SIGPIPE, as the shell reports it.
 EXIT_OUTPUT_CLOSED = 128 + signal.SIGPIPE
@@ -89,6 +101,8 @@ class RunOptions:
     command: list[str] = field(default_factory=list)
     call: str | None = None
     backend: str | None = None
+    scheduler: str | None = None
+    local_cluster: int | None = None
     shell: bool = False
     input: dict[str, Any] | None = None
     jobs: int | str | None = None
@@ -112,9 +126,15 @@ class RunOptions:
     fallback: list[str] = field(default_factory=list)
     cache: str | None = None
     cache_ttl: str | None = None
+    # NAME=SOURCE texts only; values are read again by each session.
+    secrets: list[str] = field(default_factory=list)
     serialize_by: str | None = None
     priority: str | None = None
     priority_aging: float | None = None
+    audit: str | None = None
+    audit_flush: str | None = None
+    audit_max_size: str | None = None
+    audit_backups: int | None = None
 
 
 # -- the command group ------------------------------------------------------
@@ -129,6 +149,7 @@ class _LazyGroup(click.Group):
 
     lazy_commands = {
         "graph": "batchtools.cli._graph_command:graph_command",
+        "grep": "batchtools.cli._grep_command:grep_command",
         "pipeline": "batchtools.cli._pipeline_command:pipeline_command",
         "recover": "batchtools.cli._recover_command:recover_command",
     }
@@ -162,6 +183,39 @@ def main() -> None:
     disk full). 130, 129 and 143 after SIGINT, SIGHUP and SIGTERM, and 141
     when standard output was closed.
     """
+
+
+def _metrics_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --metrics-file and --metrics-port, whose values go to the context's meta.
+
+    `_start_metrics` reads them there, so the commands that take these
+    options pass them on without a parameter of their own.
+    """
+
+    def keep(context: click.Context, parameter: click.Parameter, value: Any) -> Any:
+        context.meta[f"batchtools.{parameter.name}"] = value
+        return value
+
+    command = click.option(
+        "--metrics-port",
+        metavar="PORT",
+        type=click.IntRange(0, 65535),
+        default=None,
+        expose_value=False,
+        callback=keep,
+        help="Serve the run's metrics in the Prometheus text format at "
+        "http://127.0.0.1:PORT/metrics while it runs; 0 picks a free port and "
+        "logs it.",
+    )(command)
+    return click.option(
+        "--metrics-file",
+        metavar="PATH",
+        default=None,
+        expose_value=False,
+        callback=keep,
+        help="Rewrite PATH with the run's metrics every 5 seconds and at the end: "
+        "Prometheus text if PATH ends in .prom, else JSON.",
+    )(command)
 
 
 @main.command(
@@ -363,6 +417,41 @@ def main() -> None:
     help="Reuse cached values younger than this, such as 1h.  [default: forever]",
 )
 @click.option(
+    "--secret",
+    "secret",
+    metavar="NAME=SOURCE",
+    multiple=True,
+    help="Read a secret from SOURCE (env:VAR, file:PATH or keyring:SERVICE/USER), "
+    "give it to commands as the environment variable NAME and to --call tasks "
+    "as context.secret('NAME'), and redact it from all output; repeatable.",
+)
+@click.option(
+    "--audit",
+    metavar="PATH",
+    default=None,
+    help="Append a JSON line to PATH when the run starts and ends and for each "
+    "failed item; resume and retry append to it too.",
+)
+@click.option(
+    "--audit-flush",
+    metavar="DURATION",
+    default=None,
+    help="How often buffered records are written to the --audit file.  [default: 1s]",
+)
+@click.option(
+    "--audit-max-size",
+    metavar="SIZE",
+    default=None,
+    help="Rotate the --audit file before it grows past SIZE, such as 10M.  "
+    "[default: never]",
+)
+@click.option(
+    "--audit-backups",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Rotated --audit files to keep, as PATH.1 to PATH.N.  [default: 5]",
+)
+@click.option(
     "--dry-run", is_flag=True, help="Print the commands that would run; run nothing."
 )
 @click.option(
@@ -374,10 +463,12 @@ def main() -> None:
 )
 @click.option(
     "--backend",
-    type=click.Choice(["async", "thread", "process"]),
+    type=click.Choice(["async", "thread", "process", "dask"]),
     default=None,
-    help="Where --call runs.  [default: async for coroutine functions, else thread]",
+    help="Where --call runs; dask runs commands too, on the cluster of --scheduler "
+    "or --local-cluster.  [default: async for coroutine functions, else thread]",
 )
+@cluster_options
 @click.option(
     "-f",
     "--job-file",
@@ -392,6 +483,7 @@ def main() -> None:
 )
 @click.option("-v", "--verbose", count=True, help="Log retries and full tracebacks.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line and no summary.")
+@_metrics_options
 @click.argument("words", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run_command(
@@ -454,6 +546,7 @@ def run_command(
             )
     try:
         plan = _plan_run(context, list(words), options)
+        _set_audit_options(plan.options, options)
     except ConfigurationError as error:
         raise UsageError(str(error)) from None
     if options["dry_run"]:
@@ -470,8 +563,16 @@ def run_command(
 )
 @click.option("-v", "--verbose", count=True, help="Log retries and full tracebacks.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line and no summary.")
+@click.option(
+    "--audit",
+    metavar="PATH",
+    default=None,
+    help="Append audit records to PATH instead of the run's --audit file.",
+)
+@_metrics_options
+@cluster_override_options
 def resume_command(
-    journal: str | None, jobs: str | None, verbose: int, quiet: bool
+    journal: str | None, jobs: str | None, verbose: int, quiet: bool, audit: str | None
 ) -> None:
     """Finish an interrupted or killed run.
 
@@ -482,6 +583,8 @@ def resume_command(
     _setup_logging(verbose, quiet)
     path = Path(journal) if journal else _latest_unfinished()
     plan = _plan_from_journal(path, jobs)
+    if audit is not None:
+        plan.options.audit = os.path.abspath(audit)
     _execute(
         plan, {"quiet": quiet, "verbose": verbose}, mode="resume", journal_path=path
     )
@@ -494,8 +597,16 @@ def resume_command(
 )
 @click.option("-v", "--verbose", count=True, help="Log retries and full tracebacks.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line and no summary.")
+@click.option(
+    "--audit",
+    metavar="PATH",
+    default=None,
+    help="Append audit records to PATH instead of the run's --audit file.",
+)
+@_metrics_options
+@cluster_override_options
 def retry_command(
-    journal: str | None, jobs: str | None, verbose: int, quiet: bool
+    journal: str | None, jobs: str | None, verbose: int, quiet: bool, audit: str | None
 ) -> None:
     """Run the failed items of a run again, with their original arguments.
 
@@ -504,6 +615,8 @@ def retry_command(
     _setup_logging(verbose, quiet)
     path = Path(journal) if journal else _latest(lambda run: True)
     plan = _plan_from_journal(path, jobs)
+    if audit is not None:
+        plan.options.audit = os.path.abspath(audit)
     _execute(
         plan, {"quiet": quiet, "verbose": verbose}, mode="retry", journal_path=path
     )
@@ -673,6 +786,10 @@ def _plan_run(
         command=command,
         call=call,
         backend=pick("backend", task_table.backend if task_table else None, None),
+        scheduler=pick("scheduler", run_table.scheduler if run_table else None, None),
+        local_cluster=pick(
+            "local_cluster", run_table.local_cluster if run_table else None, None
+        ),
         shell=bool(pick("shell", run_table.shell if run_table else None, False)),
         input=input_spec.to_spec(),
         jobs=pick("jobs", run_table.jobs if run_table else None, None),
@@ -724,6 +841,7 @@ def _plan_run(
             or (task_table.fallback if task_table and task_table.fallback else [])
         ),
         teardown=pick("teardown", task_table.teardown if task_table else None, None),
+        secrets=[_absolute_file_source(text) for text in options["secret"]],
     )
     journal = pick("journal", run_table.journal if run_table else None, None)
     options["journal"] = journal
@@ -732,6 +850,18 @@ def _plan_run(
 
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def _absolute_file_source(text: str) -> str:
+    """Return a --secret NAME=file:PATH text with PATH made absolute.
+
+    Resume and retry read the file again, maybe from another folder.
+    """
+    name, equals, source = text.partition("=")
+    if not equals or not source.startswith("file:") or source == "file:":
+        return text
+    path = os.path.abspath(os.path.expanduser(source.removeprefix("file:")))
+    return f"{name}=file:{path}"
 
 
 def _shell_words(text: str) -> list[str]:
@@ -987,6 +1117,7 @@ def _plan_from_journal(path: Path, jobs: str | None) -> Plan:
         ) from None
     if jobs is not None:
         options.jobs = jobs
+    apply_cluster_overrides(options)
     assert options.input is not None
     input_spec = InputSpec.from_spec(options.input)
     try:
@@ -1006,8 +1137,22 @@ def _execute(
     if mode == "run" and not flags.get("no_journal") and flags.get("journal"):
         _check_journal_path(Path(flags["journal"]), options)
     job = _prepare(plan)
+    secrets = job.settings.secrets
+    redactor = secrets.redactor if secrets is not None else None
+    if redactor is not None:
+        # The handler of _setup_logging, and the one that prints the records
+        # of a task's own loggers, which the CLI gives no handler.
+        handlers = list(logging.getLogger("batchtools").handlers)
+        if logging.lastResort is not None:
+            handlers.append(logging.lastResort)
+        redact_logs(redactor, *handlers)
+    results_lock = None
     if options.results is not None:
-        _check_results_folder(options.results)
+        results_lock = _hold_results_folder(options.results)
+    audit = _open_audit(plan, flags.get("journal") or journal_path)
+    if audit is not None and redactor is not None:
+        audit.redact = redactor.redact
+    metrics = _start_metrics()
     items, journal_rows, rerun = _sources(plan, mode, journal_path)
     items = _check_first_item(items, plan)
     if options.priority is not None and journal_rows is None:
@@ -1028,8 +1173,13 @@ def _execute(
         write_stderr=(lambda text: console.out(text, highlight=False))
         if progress
         else None,
+        redactor=redactor,
     )
     observers: list[Observer] = []
+    if audit is not None:
+        observers.append(audit)
+    if metrics is not None:
+        observers.append(metrics)
     if progress is not None:
         writer.hide_progress_with(progress.hidden)
         observers.append(progress)
@@ -1057,10 +1207,48 @@ def _execute(
     finally:
         if progress is not None:
             progress.stop()
+        if audit is not None:
+            audit.close()
+        if metrics is not None:
+            metrics.close()
+        if results_lock is not None:
+            results_lock.release()
     code = _finish(report, aborted, received, journal, quiet, writer.stdout_closed)
     if mode == "resume" and report is not None and report.total == report.carried:
         code = EXIT_OK  # The run had already finished: nothing was left to do.
     sys.exit(code)
+
+
+def _start_metrics() -> Metrics | None:
+    """Start the file writer and the server of --metrics-file and --metrics-port.
+
+    Raises:
+        UsageError: The file cannot be written or the port cannot be used.
+    """
+    context = click.get_current_context(silent=True)
+    meta = context.meta if context is not None else {}
+    path = meta.get("batchtools.metrics_file")
+    port = meta.get("batchtools.metrics_port")
+    if path is None and port is None:
+        return None
+    # Imported only when one of the options is given, because it loads http.server.
+    from batchtools.observe.metrics import Metrics
+
+    # The port chosen for --metrics-port 0 is logged at INFO, which the
+    # terminal does not show by default.
+    metrics_log = logging.getLogger("batchtools.metrics")
+    if metrics_log.getEffectiveLevel() > logging.INFO:
+        metrics_log.setLevel(logging.INFO)
+    metrics = Metrics()
+    try:
+        if path is not None:
+            metrics.write_to(path)
+        if port is not None:
+            metrics.serve(port)
+    except ConfigurationError as error:
+        metrics.close()
+        raise UsageError(str(error)) from None
+    return metrics
 
 
 def _policies(options: RunOptions) -> list[object]:
@@ -1116,7 +1304,9 @@ def _prepare(plan: Plan, *, open_cache: bool = True) -> Any:
             retry=_retry_policy(options),
             deadline=options.deadline,
             timeout=options.timeout,
-            backend=options.backend,
+            backend=cluster_backend(
+                options.backend, options.scheduler, options.local_cluster
+            ),
             batch_size=options.max_args,
             halt=options.halt,
             policies=policies,
@@ -1133,6 +1323,10 @@ def _prepare(plan: Plan, *, open_cache: bool = True) -> Any:
                 _import_function(options.teardown, "--teardown")
                 if options.teardown
                 else None
+            ),
+            # Read in every session, so resume and retry see current values.
+            secrets=(
+                SecretStore.from_specs(options.secrets) if options.secrets else None
             ),
         )
     except ConfigurationError as error:
@@ -1167,7 +1361,60 @@ def _check_journal_path(path: Path, options: RunOptions) -> None:
         ) from None
 
 
-def _check_results_folder(folder: str) -> None:
+def _set_audit_options(options: RunOptions, flags: dict[str, Any]) -> None:
+    """Copy the --audit options of `run` into ``options``, to keep in the journal.
+
+    The path is made absolute, so that resume and retry started in another
+    folder append to the same file.
+    """
+    if flags["audit"] is None:
+        for name in ("audit_flush", "audit_max_size", "audit_backups"):
+            if flags[name] is not None:
+                option = "--" + name.replace("_", "-")
+                raise ConfigurationError(f"{option} needs --audit PATH")
+        return
+    from batchtools.policy._units import parse_duration, parse_size
+
+    if flags["audit_flush"] is not None:
+        parse_duration(flags["audit_flush"], name="--audit-flush")
+    if flags["audit_max_size"] is not None:
+        parse_size(flags["audit_max_size"], name="--audit-max-size")
+    options.audit = os.path.abspath(flags["audit"])
+    options.audit_flush = flags["audit_flush"]
+    options.audit_max_size = flags["audit_max_size"]
+    options.audit_backups = flags["audit_backups"]
+
+
+def _open_audit(plan: Plan, journal: str | Path | None) -> AuditLog | None:
+    """Create the --audit log, or return ``None`` without --audit; exit 2 if invalid."""
+    options = plan.options
+    if options.audit is None:
+        return None
+    path = Path(options.audit).absolute()
+    for option, other in (("--journal", journal), ("--cache", options.cache)):
+        if other is not None and Path(other).absolute() == path:
+            raise UsageError(
+                f"--audit and {option} both name {str(path)!r}; give them "
+                "different files"
+            )
+    try:
+        return AuditLog(
+            path,
+            task=options.call or options.command,
+            flush_interval=options.audit_flush or 1.0,
+            max_bytes=options.audit_max_size,
+            backups=5 if options.audit_backups is None else options.audit_backups,
+        )
+    except ConfigurationError as error:
+        raise UsageError(str(error)) from None
+
+
+def _hold_results_folder(folder: str) -> FileLock:
+    """Create the --results folder and lock it for this run.
+
+    Two runs given the same folder write the same item folders when their
+    items are the same, so the second waits for the first to finish.
+    """
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -1176,6 +1423,28 @@ def _check_results_folder(folder: str) -> None:
         ) from None
     if not os.access(folder, os.W_OK):
         raise UsageError(f"--results {folder!r}: the folder is not writable")
+    try:
+        lock = FileLock(Path(folder) / RESULTS_LOCK)
+        try:
+            lock.acquire(timeout=0)
+        except LockTimeoutError as error:
+            holder = (
+                f"the run of process {error.holder_pid}"
+                if error.holder_pid
+                else "another run"
+            )
+            log.warning(
+                "waiting for --results %s, which %s is writing; press Ctrl-C to "
+                "give up, or give another folder",
+                folder,
+                holder,
+            )
+            lock.acquire()
+    except (ConfigurationError, OSError) as error:
+        raise UsageError(
+            f"--results {folder!r}: cannot lock the folder: {error}"
+        ) from None
+    return lock
 
 
 def _sources(

@@ -28,6 +28,7 @@ from typing import Any
 
 from batchtools._exceptions import ConfigurationError
 from batchtools.backends._base import Backend, TaskSpec
+from batchtools.backends._cluster import INSTALL_HINT, DaskCluster
 from batchtools.backends._local import AsyncBackend, ThreadBackend
 from batchtools.engine._engine import Engine, Observer, Settings
 from batchtools.engine._halt import Halt
@@ -40,8 +41,9 @@ from batchtools.policy.concurrency import Concurrency
 from batchtools.policy.memory import Memory
 from batchtools.policy.rate_limit import RateLimit, RateLimiter
 from batchtools.policy.retry import Retry
+from batchtools.secrets._store import SecretStore
 
-BACKENDS = ("async", "thread", "process", "subprocess")
+BACKENDS = ("async", "thread", "process", "subprocess", "dask")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Each unit of concurrency costs a coroutine and, for threads and
 # processes, an operating system resource; far beyond this is a typo.
@@ -98,7 +100,7 @@ def prepare(
     concurrency: int | str | Concurrency | None = None,
     retry: Retry | int | None = None,
     timeout: float | str | None = None,
-    backend: str | None = None,
+    backend: str | DaskCluster | None = None,
     key: Callable[[Any], str] | None = None,
     lock_key: Callable[[Any], Any] | None = None,
     batch_size: int | None = None,
@@ -113,14 +115,21 @@ def prepare(
     setup: Callable[[], Any] | None = None,
     teardown: Callable[[Any], Any] | None = None,
     read_ahead: int | None = None,
+    secrets: SecretStore | None = None,
 ) -> Job:
     """Check the options and build the backend for ``task``.
 
     Raises:
-        ConfigurationError: An option or the task is invalid.
+        ConfigurationError: An option or the task is invalid, or a secret
+            has expired already.
     """
+    _check_secrets(secrets)
     batch = _positive("batch_size", batch_size, default=1)
-    name, chosen = _choose_backend(task, backend)
+    cluster = _dask_cluster(backend)
+    requested = "dask" if isinstance(backend, DaskCluster) else backend
+    name, chosen = _choose_backend(task, requested)
+    # Commands run through the subprocess backend on Dask workers too.
+    kind = "subprocess" if chosen == "dask" and _is_command(task) else chosen
     limit = _concurrency(concurrency, chosen)
     width = limit.max
     if lock_key is not None and not callable(lock_key):
@@ -129,7 +138,7 @@ def prepare(
         )
     chosen_policies = _Policies.gather(policies)
     memory = chosen_policies.memory
-    _check_worker_options(chosen, memory, setup, teardown)
+    _check_worker_options(kind, memory, setup, teardown)
     if memory is not None:
         capped = memory.cap(width)
         if capped < width:
@@ -162,6 +171,7 @@ def prepare(
         collect=collect,
         key=key,
         lock_key=lock_key,
+        secrets=secrets,
     )
     if width > MAX_CONCURRENCY:
         raise ConfigurationError(
@@ -192,6 +202,9 @@ def prepare(
         env,
         queue_ahead,
         worker=(setup, teardown, memory),
+        secrets=secrets,
+        cluster=cluster,
+        fixed=concurrency is not None,
     )
     description = {
         "task": name,
@@ -200,15 +213,33 @@ def prepare(
         "shell": shell,
         "key": getattr(key, "__qualname__", None),
     }
-    signature = hashlib.sha256(
-        json.dumps(description, sort_keys=True).encode()
-    ).hexdigest()[:32]
+    signed = dict(description)
+    if chosen == "dask":
+        # A dask run computes what the thread backend (a callable) or the
+        # subprocess backend (a command) computes, so each resumes the other.
+        signed["backend"] = "thread" if kind == "dask" else kind
+    signature = hashlib.sha256(json.dumps(signed, sort_keys=True).encode()).hexdigest()[
+        :32
+    ]
     full_spec = {**description, **(spec or {})}
+    if cluster is not None:
+        full_spec["cluster"] = cluster.describe()
     if chosen_policies.cache is not None:
-        _check_cache(chosen, batch)
+        _check_cache(kind, batch)
         # Opened last, so that a bad option above leaves no file behind.
         settings.cache = chosen_policies.cache.open(signature)
     return Job(made, settings, signature, full_spec)
+
+
+def _check_secrets(secrets: SecretStore | None) -> None:
+    if secrets is None:
+        return
+    if not isinstance(secrets, SecretStore):
+        raise ConfigurationError(
+            f"secrets={secrets!r} must be a SecretStore; build one with "
+            "SecretStore().add(NAME, 'env:VAR')"
+        )
+    secrets.check_unexpired()
 
 
 def _check_cache(backend: str, batch: int) -> None:
@@ -339,17 +370,25 @@ def _is_command(task: Any) -> bool:
     )
 
 
+def _dask_cluster(backend: object) -> DaskCluster | None:
+    """Return the cluster options that ``backend=`` names, if it names dask."""
+    if isinstance(backend, DaskCluster):
+        return backend
+    return DaskCluster() if backend == "dask" else None
+
+
 def _choose_backend(task: Any, backend: str | None) -> tuple[str, str]:
     if backend is not None and backend not in BACKENDS:
         raise ConfigurationError(
             f"backend={backend!r} is not one of {', '.join(BACKENDS)}"
         )
     if _is_command(task):
-        if backend not in (None, "subprocess"):
+        if backend not in (None, "subprocess", "dask"):
             raise ConfigurationError(
-                f"a command template runs on the subprocess backend, not {backend!r}"
+                "a command template runs on the subprocess backend (or on a Dask "
+                f"cluster with the dask backend), not {backend!r}"
             )
-        return _command_text(task), "subprocess"
+        return _command_text(task), backend or "subprocess"
     if not callable(task):
         raise ConfigurationError(
             f"task {task!r} is neither a callable nor a command template"
@@ -390,7 +429,21 @@ def _make_backend(
     env: Mapping[str, str] | None,
     queue_ahead: bool,
     worker: tuple[Callable[[], Any] | None, Callable[[Any], Any] | None, Memory | None],
+    secrets: SecretStore | None = None,
+    cluster: DaskCluster | None = None,
+    fixed: bool = False,
 ) -> Backend:
+    if cluster is not None:
+        return _make_dask_backend(
+            task,
+            cluster,
+            width if fixed else None,
+            batch,
+            shell,
+            env,
+            queue_ahead,
+            worker,
+        )
     if name == "subprocess":
         from batchtools.backends._command import CommandTemplate
         from batchtools.backends._subprocess import SubprocessBackend
@@ -400,7 +453,9 @@ def _make_backend(
             if isinstance(task, CommandTemplate)
             else CommandTemplate.parse(task, shell=shell)
         )
-        return SubprocessBackend(template, width, env=env, batched=batch > 1)
+        return SubprocessBackend(
+            template, width, env=env, batched=batch > 1, secrets=secrets
+        )
     spec = TaskSpec.from_callable(task)
     spec.setup, spec.teardown, memory = worker
     if name == "async":
@@ -419,6 +474,47 @@ def _make_backend(
         max_items_per_worker=memory.max_items_per_worker if memory else None,
         max_memory=max_memory,
     )
+
+
+def _make_dask_backend(
+    task: Any,
+    cluster: DaskCluster,
+    concurrency: int | None,
+    batch: int,
+    shell: bool,
+    env: Mapping[str, str] | None,
+    queue_ahead: bool,
+    worker: tuple[Callable[[], Any] | None, Callable[[Any], Any] | None, Memory | None],
+) -> Backend:
+    try:
+        from batchtools.backends._dask import DaskBackend
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] not in ("dask", "distributed"):
+            raise
+        raise ConfigurationError(
+            f"the dask backend needs the dask[distributed] package ({error}); "
+            f"install it with: {INSTALL_HINT}"
+        ) from None
+    if _is_command(task):
+        from batchtools.backends._command import CommandTemplate
+
+        template = (
+            task
+            if isinstance(task, CommandTemplate)
+            else CommandTemplate.parse(task, shell=shell)
+        )
+        # The run's secrets reach commands in their contexts, not through here.
+        return DaskBackend.for_command(
+            template,
+            cluster,
+            concurrency,
+            env=env,
+            batched=batch > 1,
+            queue_ahead=queue_ahead,
+        )
+    spec = TaskSpec.from_callable(task)
+    spec.setup, spec.teardown, _ = worker
+    return DaskBackend.for_task(spec, cluster, concurrency, queue_ahead=queue_ahead)
 
 
 def open_journal(
@@ -509,7 +605,7 @@ async def arun(
     retry: Retry | int | None = None,
     timeout: float | str | None = None,
     journal: str | os.PathLike[str] | None = None,
-    backend: str | None = None,
+    backend: str | DaskCluster | None = None,
     key: Callable[[Any], str] | None = None,
     lock_key: Callable[[Any], Any] | None = None,
     batch_size: int | None = None,
@@ -522,6 +618,7 @@ async def arun(
     env: Mapping[str, str] | None = None,
     setup: Callable[[], Any] | None = None,
     teardown: Callable[[Any], Any] | None = None,
+    secrets: SecretStore | None = None,
     handle_signals: bool = False,
 ) -> Report:
     """Apply ``task`` to every item and return the report; see `run`."""
@@ -542,6 +639,7 @@ async def arun(
         env=env,
         setup=setup,
         teardown=teardown,
+        secrets=secrets,
     )
     engine = build_engine(
         items, job, open_journal(journal, job, force=force), observers
@@ -560,7 +658,7 @@ def run(
     retry: Retry | int | None = None,
     timeout: float | str | None = None,
     journal: str | os.PathLike[str] | None = None,
-    backend: str | None = None,
+    backend: str | DaskCluster | None = None,
     key: Callable[[Any], str] | None = None,
     lock_key: Callable[[Any], Any] | None = None,
     batch_size: int | None = None,
@@ -573,6 +671,7 @@ def run(
     env: Mapping[str, str] | None = None,
     setup: Callable[[], Any] | None = None,
     teardown: Callable[[Any], Any] | None = None,
+    secrets: SecretStore | None = None,
     handle_signals: bool = False,
 ) -> Report:
     """Apply ``task`` to every item and return the report.
@@ -593,8 +692,9 @@ def run(
         retry: Retries after the first attempt, or a `Retry` policy.
         timeout: Seconds (or ``"30s"``) one attempt may take.
         journal: Path of a journal file; an existing one is resumed.
-        backend: ``async``, ``thread``, ``process`` or ``subprocess``;
-            chosen from the task by default.
+        backend: ``async``, ``thread``, ``process``, ``subprocess`` or
+            ``dask``, chosen from the task by default; or a `DaskCluster`
+            that names the Dask cluster to run on.
         key: A function giving each item's key, instead of a content hash.
         lock_key: A function from item to a lock key; items with equal lock
             keys never run at once (two files of one folder, say), while
@@ -613,13 +713,19 @@ def run(
             loop for async tasks) before its first attempt; the task reads
             what it returned as ``context.state``.
         teardown: Called with that state when the worker stops normally.
+        secrets: A `SecretStore`. Python tasks read its values as
+            ``context.secret("NAME")``, commands get each as the environment
+            variable ``NAME``, and every value is redacted from the journal,
+            the report's failure causes and captured output. Install
+            `redact_logs` on log handlers to redact log lines too.
         handle_signals: Stop on SIGINT, SIGTERM and SIGHUP (main thread only).
 
     Returns:
         The report, with every outcome in input order.
 
     Raises:
-        ConfigurationError: An option or the task is invalid; nothing ran.
+        ConfigurationError: An option or the task is invalid, or a secret
+            has expired already; nothing ran.
         JournalError: The journal cannot be used; nothing ran.
         RunAbortedError: The journal failed during the run; what was
             committed is kept.
@@ -642,6 +748,7 @@ def run(
         "env": env,
         "setup": setup,
         "teardown": teardown,
+        "secrets": secrets,
     }
     try:
         asyncio.get_running_loop()
@@ -773,7 +880,7 @@ def astream(
     retry: Retry | int | None = None,
     timeout: float | str | None = None,
     journal: str | os.PathLike[str] | None = None,
-    backend: str | None = None,
+    backend: str | DaskCluster | None = None,
     key: Callable[[Any], str] | None = None,
     lock_key: Callable[[Any], Any] | None = None,
     batch_size: int | None = None,
@@ -786,6 +893,7 @@ def astream(
     env: Mapping[str, str] | None = None,
     setup: Callable[[], Any] | None = None,
     teardown: Callable[[Any], Any] | None = None,
+    secrets: SecretStore | None = None,
 ) -> AsyncStream:
     """Yield outcomes as they finish; the async twin of `stream`.
 
@@ -810,6 +918,7 @@ def astream(
         env=env,
         setup=setup,
         teardown=teardown,
+        secrets=secrets,
     )
     journal_file = open_journal(journal, job, force=force)
     return AsyncStream(build_engine(items, job, journal_file, observers))
@@ -904,7 +1013,7 @@ def stream(
     retry: Retry | int | None = None,
     timeout: float | str | None = None,
     journal: str | os.PathLike[str] | None = None,
-    backend: str | None = None,
+    backend: str | DaskCluster | None = None,
     key: Callable[[Any], str] | None = None,
     lock_key: Callable[[Any], Any] | None = None,
     batch_size: int | None = None,
@@ -917,6 +1026,7 @@ def stream(
     env: Mapping[str, str] | None = None,
     setup: Callable[[], Any] | None = None,
     teardown: Callable[[Any], Any] | None = None,
+    secrets: SecretStore | None = None,
 ) -> Stream:
     """Yield outcomes as they finish, without keeping them.
 
@@ -950,5 +1060,6 @@ def stream(
             env=env,
             setup=setup,
             teardown=teardown,
+            secrets=secrets,
         )
     )

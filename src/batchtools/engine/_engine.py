@@ -33,7 +33,7 @@ import uuid
 from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from batchtools import _codec
 from batchtools._exceptions import (
@@ -65,6 +65,9 @@ from batchtools.policy.fallback import FallbackValue
 from batchtools.policy.memory import MemoryGate
 from batchtools.policy.rate_limit import RateLimiter
 from batchtools.policy.retry import NO_RETRY, Retry
+
+if TYPE_CHECKING:
+    from batchtools.secrets import Redactor, SecretStore
 
 log = logging.getLogger("batchtools.engine")
 retry_log = logging.getLogger("batchtools.retry")
@@ -141,6 +144,8 @@ class Settings:
             it outside any slot.
         store_value: Turns a value into the JSON text kept in the journal,
             or ``None`` to keep none.
+        secrets: The run's secrets: contexts carry them, and their values
+            are redacted from the journal, failure causes and messages.
         run_id: The run's id; new runs get a random one.
     """
 
@@ -160,6 +165,7 @@ class Settings:
     cache: ResultCache | None = None
     read_ahead: int | None = None
     lock_key: Callable[[Any], Any] | None = None
+    secrets: SecretStore | None = None
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
@@ -195,8 +201,8 @@ def store_json(value: Any) -> str | None:
     return text if len(text) <= VALUE_LIMIT else None
 
 
-def error_json(error: BaseException) -> str:
-    """Return the journal's JSON record of an error."""
+def error_json(error: BaseException, redactor: Redactor | None = None) -> str:
+    """Return the journal's JSON record of an error, with secrets redacted."""
     record: dict[str, Any] = {
         "type": (
             error.type_name
@@ -212,6 +218,8 @@ def error_json(error: BaseException) -> str:
         record["stderr_tail"] = error.stderr_tail.decode("utf-8", "replace")
     if isinstance(error, AttemptTimeoutError):
         record["timeout"] = error.timeout
+    if redactor:
+        record = redactor.redact_data(record)
     return json.dumps(record, ensure_ascii=False)
 
 
@@ -256,10 +264,22 @@ class Engine:
         self.settings = settings
         self.journal = journal
         self.observers = list(observers)
+        # An observer with ``wants_attempts`` (latency metrics) gets every
+        # attempt in its outcomes, even a first success, which costs a record.
+        self._observers_need_attempts = any(
+            getattr(observer, "wants_attempts", False) for observer in self.observers
+        )
         self.report = Report(run_id=journal.run.run_id if journal else settings.run_id)
         if journal is not None:
             self.report.journal = str(journal.path)
         self.run_id = self.report.run_id
+        secrets = settings.secrets
+        self._redactor = secrets.redactor if secrets is not None else None
+        if self._redactor is not None:
+            self.report.failures.redact = self._redactor.redact
+            if settings.cache is not None:
+                redact = self._redactor.redact
+                settings.cache.holds_secret = lambda text: redact(text) != text
         self._rerun_states = rerun_states
         self._journal_rows = journal_rows
         self._feed = Feed(journal_rows if journal_rows is not None else source)
@@ -482,7 +502,7 @@ class Engine:
             report.interrupted = self._stopping is not None and report.halted is None
         self._drain_reorder(final=True)
         if self._aborted is not None:
-            message = self._abort_message or str(self._aborted)
+            message = self._redact(self._abort_message or str(self._aborted))
             raise RunAbortedError(message) from self._aborted
         if self.settings.collect:
             report.collected.sort(key=lambda o: o.seq)
@@ -499,7 +519,7 @@ class Engine:
             if self._feed.finished:
                 journal.mark_input_complete()
             if self._stopping is not None and self.report.halted is None:
-                journal.event("interrupted", {"reason": self._stopping})
+                journal.event("interrupted", {"reason": self._redact(self._stopping)})
                 journal.set_state("interrupted")
             else:
                 journal.set_state("finished")
@@ -747,6 +767,7 @@ class Engine:
         resources = self._resources
         if resources is None:
             resources = self._resources = _open_resources()
+        secrets = self.settings.secrets
         return Context(
             self.run_id,
             key,
@@ -754,6 +775,11 @@ class Engine:
             job.seq,
             f"{self.run_id}:{key}",
             resources=resources,
+            secrets=(
+                secrets.for_attempt(self.run_id, key, job.attempt)
+                if secrets is not None
+                else None
+            ),
         )
 
     async def _attempt_locked(self, job: _Job, owner: asyncio.Task[Any] | None) -> None:
@@ -1094,7 +1120,10 @@ class Engine:
         if self.journal is not None:
             store = self.settings.store_value or store_json
             op = self.journal.update(
-                job.seq, "succeeded", value=store(value), ended=time.time()
+                job.seq,
+                "succeeded",
+                value=store(self._redacted_value(value)),
+                ended=time.time(),
             )
         self._emit(job.index, outcome, op)
 
@@ -1193,7 +1222,11 @@ class Engine:
             value = value.value
             self.report.strategies[strategy] += 1
         attempts = job.attempts
-        if attempts is not None or self.settings.collect:
+        if (
+            attempts is not None
+            or self.settings.collect
+            or self._observers_need_attempts
+        ):
             attempts = attempts or []
             attempts.append(Attempt(job.attempt, started, duration))
         outcome = Outcome(
@@ -1212,7 +1245,7 @@ class Engine:
                 job.seq,
                 "succeeded",
                 attempts=job.attempt,
-                value=store(value),
+                value=store(self._redacted_value(value)),
                 ended=started + duration,
             )
         if job.cache_leader:
@@ -1223,7 +1256,7 @@ class Engine:
         self, job: _Job, value: Any, started: float, duration: float
     ) -> None:
         assert job.members is not None
-        if self.backend.name == "subprocess":
+        if self.backend.runs_commands:
             # One command ran for the whole batch: its output belongs to the
             # batch's first item, so it is printed and kept once.
             values = [value] + [None] * (len(job.members) - 1)
@@ -1307,13 +1340,13 @@ class Engine:
             "item %s attempt %d failed (%s); retrying in %.2f s",
             key,
             job.attempt,
-            error,
+            self._redact(str(error)),
             delay,
         )
         for observer in self.observers:
             observer.on_retry(key, job.attempt, delay, error)
         if self.journal is not None:
-            text = error_json(error)
+            text = error_json(error, self._redactor)
             for member in job.members or (job,):
                 self.journal.add_attempt(
                     member.seq, job.attempt, started, duration, text
@@ -1374,7 +1407,7 @@ class Engine:
         )
         op = None
         if self.journal is not None:
-            text = error_json(error)
+            text = error_json(error, self._redactor)
             self.journal.add_attempt(job.seq, job.attempt, started, duration, text)
             op = self.journal.update(
                 job.seq,
@@ -1403,8 +1436,18 @@ class Engine:
                 # An interrupted item goes back to pending, so resume runs it;
                 # only a halt's cancellation is final.
                 state = "cancelled" if self.report.halted else "pending"
-                op = self.journal.update(member.seq, state, reason=reason)
+                op = self.journal.update(member.seq, state, reason=self._redact(reason))
             self._emit(member.index, outcome, op)
+
+    def _redact(self, text: str) -> str:
+        """Return ``text`` with the run's secret values replaced by ``***``."""
+        return text if self._redactor is None else self._redactor.redact(text)
+
+    def _redacted_value(self, value: Any) -> Any:
+        """Return ``value`` with secrets redacted, for the journal."""
+        if not self._redactor:
+            return value
+        return self._redactor.redact_data(value)
 
     # -- outcomes --------------------------------------------------------
 

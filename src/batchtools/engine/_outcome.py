@@ -6,7 +6,7 @@ import collections
 import enum
 import re
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -162,15 +162,18 @@ _PATH = re.compile(r"(?:(?<=\s)|(?<=^)|(?<=['\"(]))(?:/|\./|~/)[^\s'\",:)]*")
 _NUMBER = re.compile(r"\b\d+(?:\.\d+)?\b")
 
 
-def cause_of(error: BaseException) -> str:
+def cause_of(error: BaseException, redact: Callable[[str], str] | None = None) -> str:
     """Return the failure group of ``error``: its kind plus a masked message.
 
     Numbers, paths and hex ids are masked, so that failures that differ
-    only in those fall into one group.
+    only in those fall into one group. ``redact`` replaces secret values
+    first, before masking could change them beyond recognition.
     """
+    clean = redact if redact is not None else _unchanged
     if isinstance(error, CommandFailedError):
         # The last line a command wrote to stderr usually names the cause.
-        lines = error.stderr_tail.decode("utf-8", "replace").strip().splitlines()
+        tail = clean(error.stderr_tail.decode("utf-8", "replace"))
+        lines = tail.strip().splitlines()
         last = _mask(lines[-1]) if lines else ""
         return f"{error}: {last}" if last else str(error)
     if isinstance(error, WorkerLostError | AttemptTimeoutError):
@@ -182,8 +185,12 @@ def cause_of(error: BaseException) -> str:
         name, message = type(error).__name__, str(error.msg)
     else:
         name, message = type(error).__name__, str(error)
-    masked = _mask(message)
+    masked = _mask(clean(message))
     return f"{name}: {masked}" if masked else name
+
+
+def _unchanged(text: str) -> str:
+    return text
 
 
 def _mask(message: str) -> str:
@@ -215,15 +222,22 @@ class FailureGroup:
 
 
 class FailureGroups:
-    """Tally of failures by cause, kept as items fail; memory grows with causes."""
+    """Tally of failures by cause, kept as items fail; memory grows with causes.
 
-    def __init__(self, examples: int = 3) -> None:
+    Attributes:
+        redact: Replaces secret values in the text of causes, or ``None``.
+    """
+
+    def __init__(
+        self, examples: int = 3, redact: Callable[[str], str] | None = None
+    ) -> None:
         self._groups: dict[str, FailureGroup] = {}
         self._examples = examples
+        self.redact = redact
 
     def add(self, key: str, error: BaseException | None, item: Any = None) -> None:
         """Count a failed item."""
-        cause = cause_of(error) if error is not None else "unknown error"
+        cause = cause_of(error, self.redact) if error is not None else "unknown error"
         group = self._groups.get(cause)
         if group is None:
             group = self._groups[cause] = FailureGroup(cause, error=error)
@@ -273,12 +287,14 @@ class Report:
         cache_errors: Reads and writes of the cache's file that failed; the
             run went on without them.
         cache_unstorable: Values that the cache's file could not take (they
-            need pickle), kept in memory only.
+            need pickle, or hold a secret), kept in memory only.
         concurrency_limits: For an adaptive concurrency, ``(seconds since
             the start, limit)`` at the start and at each change.
         circuit_transitions: Every change of a circuit breaker's state.
         unnumbered: Whether keys of repeated items still need their
             occurrence numbers (a run without a journal).
+        metrics: The final snapshot of a `batchtools.observe.metrics.Metrics`
+            observer attached to the run, or ``None``.
     """
 
     run_id: str
@@ -306,6 +322,7 @@ class Report:
     concurrency_limits: list[tuple[float, int]] = field(default_factory=list)
     circuit_transitions: list[Any] = field(default_factory=list)
     unnumbered: bool = False
+    metrics: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{name}={count}" for name, count in self.counts.items())

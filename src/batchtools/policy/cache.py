@@ -312,6 +312,9 @@ class ResultCache:
         self.misses = 0
         self.stored = 0
         self.unstorable = 0
+        # Set by a run with secrets: a value whose text holds one stays in
+        # memory and never reaches the file.
+        self.holds_secret: Callable[[str], bool] | None = None
 
     def __repr__(self) -> str:
         disk = "" if self._path is None else f" path={self._path!r}"
@@ -589,7 +592,11 @@ class ResultCache:
             and self._max_bytes is not None
             and len(disk_key) + len(text.encode("utf-8")) > self._max_bytes
         )
-        if text is None or too_large:
+        if (
+            text is None
+            or too_large
+            or (self.holds_secret is not None and self.holds_secret(text))
+        ):
             self.unstorable += 1
             return
         self._store.put(disk_key, text, now)
