@@ -180,6 +180,30 @@ def test_file_secret_reaches_command(tmp_path: Path) -> None:
     assert os.path.samefile(path, tmp_path / "token")
 
 
+def test_job_file_names_secrets_and_audit(tmp_path: Path) -> None:
+    (tmp_path / "expected").write_text(TOKEN)
+    command = ", ".join(f"{word!r}" for word in CHECK_TOKEN)
+    (tmp_path / "job.toml").write_text(
+        "[run]\n"
+        'audit = "audit.jsonl"\n'
+        f'secrets = {{ TOKEN = "env:{SOURCE}" }}\n'
+        "[input]\n"
+        'args = ["a"]\n'
+        "[task]\n"
+        f"command = [{command}]\n"
+    )
+    environment = cli_environment(**{SOURCE: TOKEN})
+
+    result = run_cli(["run", "-f", "job.toml"], tmp_path, environment=environment)
+    missing = run_cli(["run", "-f", "job.toml"], tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "audit.jsonl").exists()
+    assert files_containing(tmp_path, TOKEN.encode()) == ["expected"]
+    assert missing.returncode == 2
+    assert SOURCE.encode() in missing.stderr
+
+
 def test_retry_reads_secret_again(tmp_path: Path) -> None:
     (tmp_path / "expected").write_text("second-token-value")
     first = run_cli(

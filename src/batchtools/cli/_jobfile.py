@@ -158,6 +158,8 @@ class RunTable(_Strict):
     priority_aging: float | int | None = None
     scheduler: str | None = None
     local_cluster: Count = None
+    audit: str | None = None
+    secrets: dict[str, str] | None = None
 
 
 class InputTable(_Strict):

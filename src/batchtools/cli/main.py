@@ -841,10 +841,20 @@ def _plan_run(
             or (task_table.fallback if task_table and task_table.fallback else [])
         ),
         teardown=pick("teardown", task_table.teardown if task_table else None, None),
-        secrets=[_absolute_file_source(text) for text in options["secret"]],
+        secrets=[
+            _absolute_file_source(text)
+            for text in options["secret"]
+            or [
+                f"{name}={source}"
+                for name, source in (
+                    run_table.secrets.items() if run_table and run_table.secrets else ()
+                )
+            ]
+        ],
     )
     journal = pick("journal", run_table.journal if run_table else None, None)
     options["journal"] = journal
+    options["audit"] = pick("audit", run_table.audit if run_table else None, None)
     return _checked_plan(plan_options, input_spec)
 
 
