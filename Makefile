@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench test-slow clean system-packages
+.PHONY: demo test lint typecheck pytest bench test-slow test-reliability clean system-packages
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,14 +15,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # GNU parallel is a baseline of the benchmarks and of the compatibility tests.
+# Chromium renders the HTML report in its test, which fails without it.
 system-packages:
-	@command -v parallel >/dev/null 2>&1 || { \
+	@missing=""; \
+	command -v parallel >/dev/null 2>&1 || missing="$$missing parallel"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq parallel >/dev/null; } \
-	      || echo "Could not install GNU parallel; the comparisons with it will not run."; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
+	      || echo "Could not install$$missing; the tests and comparisons that need them will fail or not run."; \
 	  else \
-	    echo "GNU parallel is missing; install it (apt-get install parallel) for the comparisons."; \
-	  fi; }
+	    echo "Missing system packages:$$missing. Install them as root: apt-get install$$missing"; \
+	  fi; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/python demo/demo.py
@@ -34,7 +39,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) system-packages
 	$(BIN)/pytest -m "not slow"
 
 test: lint typecheck pytest
@@ -42,8 +47,14 @@ test: lint typecheck pytest
 test-slow: $(STAMP) system-packages
 	$(BIN)/pytest -m slow
 
+# The whole reliability campaign (up to an hour); `make test` runs a
+# bounded subset of each of its scenarios.
+test-reliability: $(STAMP) system-packages
+	BATCHTOOLS_CAMPAIGN=full $(BIN)/pytest tests/reliability --timeout 3600
+	$(BIN)/python tests/reliability/summarize.py
+
 bench: $(STAMP) system-packages
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .batchtools demo-out
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .batchtools demo-out .batchtools-campaign

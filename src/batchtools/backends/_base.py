@@ -185,9 +185,28 @@ class Call:
         cancel_error: Set by `Backend.cancel`; the error `execute` raises.
         handle: Backend-private state for the running attempt.
         owner: The engine's worker task that awaits this attempt.
+        started: When the attempt began, in seconds since the epoch. The
+            engine sets the time it hands the attempt over. The thread
+            backend queues attempts ahead of its threads, so it replaces
+            that with the time a thread takes the attempt.
+        slot: The job slot that executes the attempt, from 1. The engine sets
+            the number of its worker coroutine; a backend with workers of
+            its own (threads, processes, commands) replaces it with theirs.
+        worker: The process that executes the attempt, as ``pid N``, or a
+            Dask worker's address; ``None`` where the backend cannot tell.
     """
 
-    __slots__ = ("_context", "cancel_error", "handle", "owner", "payload", "timeout")
+    __slots__ = (
+        "_context",
+        "cancel_error",
+        "handle",
+        "owner",
+        "payload",
+        "slot",
+        "started",
+        "timeout",
+        "worker",
+    )
 
     def __init__(
         self,
@@ -201,6 +220,9 @@ class Call:
         self.cancel_error: BaseException | None = None
         self.handle: Any = None
         self.owner: asyncio.Task[Any] | None = None
+        self.started = 0.0
+        self.slot = 0
+        self.worker: str | None = None
 
     @property
     def context(self) -> Context:

@@ -774,7 +774,8 @@ class DaskBackend(Backend):
         self._schedule_dispatch()
 
     def _deliver(self, chunk: _Chunk, outcome: tuple[Any, ...]) -> None:
-        kind, elapsed, executed, frames = outcome
+        kind, elapsed, executed, frames = outcome[:4]
+        address = outcome[4] if len(outcome) > 4 else None
         calls = chunk.calls
         if kind == CHUNK_UNDECODABLE:
             self._undecodable(chunk, frames[0][2])
@@ -783,6 +784,7 @@ class DaskBackend(Backend):
             call = calls[index]
             if call.handle.done():
                 continue
+            call.worker = address
             if status == FRAME_OK:
                 try:
                     result: _Outcome = (True, pickle.loads(data))

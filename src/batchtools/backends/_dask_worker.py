@@ -200,8 +200,9 @@ def run_chunk(token: str, chunk_key: str, data: bytes) -> tuple[Any, ...]:
     """Execute one chunk of attempts on a worker: the function of every Dask task.
 
     Returns:
-        ``(kind, elapsed, executed, frames)``, with one frame
-        ``(index, status, data)`` per item executed.
+        ``(kind, elapsed, executed, frames, address)``, with one frame
+        ``(index, status, data)`` per item executed and the address of the
+        worker that executed them.
 
     Raises:
         RuntimeError: The run's task is not loaded on this worker.
@@ -223,8 +224,10 @@ def run_chunk(token: str, chunk_key: str, data: bytes) -> tuple[Any, ...]:
         _chunks[chunk_key] = state
     try:
         if loaded.template is not None:
-            return asyncio.run(_run_commands(loaded, entries, state))
-        return _run_calls(loaded, entries, state)
+            result = asyncio.run(_run_commands(loaded, entries, state))
+        else:
+            result = _run_calls(loaded, entries, state)
+        return (*result, _worker_address())
     finally:
         with _registry_lock:
             _chunks.pop(chunk_key, None)

@@ -15,6 +15,7 @@ import inspect
 import logging
 import queue
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -177,7 +178,10 @@ class ThreadBackend(Backend):
         self._setups_pending = self.concurrency if self._task.setup else 0
         for number in range(self.concurrency):
             thread = threading.Thread(
-                target=self._work, name=f"batchtools-thread-{number}", daemon=True
+                target=self._work,
+                args=(number + 1,),
+                name=f"batchtools-thread-{number}",
+                daemon=True,
             )
             self._ended[thread] = loop.create_future()
             thread.start()
@@ -263,14 +267,14 @@ class ThreadBackend(Backend):
             workers_started=len(self._threads), abandoned_threads=abandoned
         )
 
-    def _work(self) -> None:
+    def _work(self, slot: int) -> None:
         me = threading.current_thread()
         try:
-            self._serve(me)
+            self._serve(me, slot)
         finally:
             self._call_on_loop(_resolve, self._ended[me])
 
-    def _serve(self, me: threading.Thread) -> None:
+    def _serve(self, me: threading.Thread, slot: int) -> None:
         function = self._task.function
         wants_context = self._task.wants_context
         state = None
@@ -308,6 +312,8 @@ class ThreadBackend(Backend):
                     self._abandoned.discard(call)
                     continue
                 self._executing[me] = call
+            call.slot = slot
+            call.started = time.time()
             try:
                 if wants_context:
                     context = call.context

@@ -1119,6 +1119,10 @@ class ProcessBackend(Backend):
         region = (seq & 1) * _MAX_CHUNK
         self._blocks[worker.slot].skip[region : region + len(calls)] = bytes(len(calls))
         worker.chunks[seq] = _Chunk(seq, calls)
+        slot, pid = worker.slot + 1, f"pid {worker.process.pid}"
+        for call in calls:
+            call.slot = slot
+            call.worker = pid
         worker.sent += len(calls)
         self._in_flight += len(calls)
         self._chunks_sent += 1

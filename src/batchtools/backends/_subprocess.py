@@ -615,6 +615,8 @@ class SubprocessBackend(Backend):
                 os.close(descriptor)
 
         command = _Command(call, argv, pid, slot, started)
+        call.slot = slot
+        call.worker = f"pid {pid}"
         self._commands.add(command)
         loop = asyncio.get_running_loop()
         if self.capture:

@@ -83,7 +83,12 @@ class OutputWriter:
             if result is not None:
                 self._pass_through(result)
             elif outcome.state is State.SUCCEEDED and outcome.value is not None:
-                self._write_stdout(self._value_line(outcome.value))
+                line = self._value_line(outcome.value)
+                if self._stdout_tty and self._hide_progress is not None:
+                    with self._hide_progress():
+                        self._write_stdout(line)
+                else:
+                    self._write_stdout(line)
             if self._results is not None:
                 self._keep(outcome, result)
         finally:

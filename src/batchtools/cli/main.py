@@ -42,8 +42,25 @@ from batchtools.cli._cluster_options import (
     cluster_options,
     cluster_override_options,
 )
+from batchtools.cli._debugging import (
+    ItemStatus,
+    debug_options,
+    inherit_output,
+    report_debugging,
+    retry_item_options,
+    run_here,
+    select_item,
+    start_debugger,
+)
 from batchtools.cli._inputs import InputSpec, Source, split_command
 from batchtools.cli._output import OutputWriter
+from batchtools.cli._progress_output import (
+    checked_interval,
+    count_earlier,
+    log_above,
+    progress_interval_option,
+    start_progress_log,
+)
 from batchtools.engine._api import build_engine, open_journal, prepare, signal_handlers
 from batchtools.engine._engine import Observer
 from batchtools.engine._outcome import Report
@@ -52,7 +69,6 @@ from batchtools.journal import (
     Journal,
     RunRecord,
     count_states,
-    item_history,
     iter_items,
     read_run,
 )
@@ -68,7 +84,7 @@ from batchtools.policy.retry import Retry
 from batchtools.secrets import SecretStore, redact_logs
 
 if TYPE_CHECKING:
-    from batchtools.observe._progress import Progress
+    from batchtools.observe._progress import ProgressCounts
     from batchtools.observe.metrics import Metrics
 
 JOURNAL_FOLDER = Path(".batchtools")
@@ -148,10 +164,13 @@ class _LazyGroup(click.Group):
     """
 
     lazy_commands = {
+        "bench": "batchtools.cli._bench_command:bench_command",
         "graph": "batchtools.cli._graph_command:graph_command",
         "grep": "batchtools.cli._grep_command:grep_command",
         "pipeline": "batchtools.cli._pipeline_command:pipeline_command",
         "recover": "batchtools.cli._recover_command:recover_command",
+        "report": "batchtools.cli._report_command:report_command",
+        "show": "batchtools.cli._report_command:show_command",
     }
 
     def list_commands(self, context: click.Context) -> list[str]:
@@ -300,6 +319,13 @@ def _metrics_options(command: Callable[..., Any]) -> Callable[..., Any]:
     default=None,
     help="Stop after N failures (or N%): now cancels running items, soon lets "
     "them finish.",
+)
+@click.option(
+    "--fail-fast",
+    is_flag=True,
+    default=False,
+    help="Stop at the first failure and cancel running items; short for "
+    "--halt now,fail=1.",
 )
 @click.option(
     "--deadline",
@@ -481,8 +507,31 @@ def _metrics_options(command: Callable[..., Any]) -> Callable[..., Any]:
     is_flag=True,
     help="Reuse an existing --journal even if it records another command.",
 )
-@click.option("-v", "--verbose", count=True, help="Log retries and full tracebacks.")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="Log the start and end of every attempt, retries and full tracebacks.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress line and no summary.")
+@progress_interval_option
+@debug_options
+@click.option(
+    "--slow-after",
+    metavar="DURATION",
+    default="1s",
+    show_default=True,
+    callback=lambda context, parameter, value: _duration_option(value, parameter),
+    help="Warn about an attempt that runs longer than this and --slow-factor "
+    "times the median attempt duration.",
+)
+@click.option(
+    "--slow-factor",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Warn about an attempt that runs this many times longer than the median.",
+)
 @_metrics_options
 @click.argument("words", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
@@ -544,6 +593,8 @@ def run_command(
                     keep_order=bool(options["keep_order"]),
                 )
             )
+    _apply_fail_fast(context, options)
+    options["progress_interval"] = checked_interval(options["progress_interval"])
     try:
         plan = _plan_run(context, list(words), options)
         _set_audit_options(plan.options, options)
@@ -561,7 +612,12 @@ def run_command(
 @click.option(
     "-j", "--jobs", metavar="N|auto", default=None, help="Attempts that run at once."
 )
-@click.option("-v", "--verbose", count=True, help="Log retries and full tracebacks.")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="Log the start and end of every attempt, retries and full tracebacks.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress line and no summary.")
 @click.option(
     "--audit",
@@ -569,10 +625,16 @@ def run_command(
     default=None,
     help="Append audit records to PATH instead of the run's --audit file.",
 )
+@progress_interval_option
 @_metrics_options
 @cluster_override_options
 def resume_command(
-    journal: str | None, jobs: str | None, verbose: int, quiet: bool, audit: str | None
+    journal: str | None,
+    jobs: str | None,
+    verbose: int,
+    quiet: bool,
+    audit: str | None,
+    progress_interval: str | None,
 ) -> None:
     """Finish an interrupted or killed run.
 
@@ -581,13 +643,13 @@ def resume_command(
     under ./.batchtools/.
     """
     _setup_logging(verbose, quiet)
+    interval = checked_interval(progress_interval)
     path = Path(journal) if journal else _latest_unfinished()
     plan = _plan_from_journal(path, jobs)
     if audit is not None:
         plan.options.audit = os.path.abspath(audit)
-    _execute(
-        plan, {"quiet": quiet, "verbose": verbose}, mode="resume", journal_path=path
-    )
+    flags = {"quiet": quiet, "verbose": verbose, "progress_interval": interval}
+    _execute(plan, flags, mode="resume", journal_path=path)
 
 
 @main.command("retry")
@@ -595,7 +657,12 @@ def resume_command(
 @click.option(
     "-j", "--jobs", metavar="N|auto", default=None, help="Attempts that run at once."
 )
-@click.option("-v", "--verbose", count=True, help="Log retries and full tracebacks.")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="Log the start and end of every attempt, retries and full tracebacks.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress line and no summary.")
 @click.option(
     "--audit",
@@ -603,23 +670,44 @@ def resume_command(
     default=None,
     help="Append audit records to PATH instead of the run's --audit file.",
 )
+@progress_interval_option
+@retry_item_options
 @_metrics_options
 @cluster_override_options
 def retry_command(
-    journal: str | None, jobs: str | None, verbose: int, quiet: bool, audit: str | None
+    journal: str | None,
+    jobs: str | None,
+    verbose: int,
+    quiet: bool,
+    audit: str | None,
+    progress_interval: str | None,
+    key: str | None,
+    foreground: bool,
 ) -> None:
     """Run the failed items of a run again, with their original arguments.
 
-    Without JOURNAL, takes the latest run under ./.batchtools/.
+    Without JOURNAL, takes the latest run under ./.batchtools/. With --key,
+    runs that one item, and with --foreground as well, runs it in this
+    terminal: its output is shown live and the exit status is its own (a
+    command's exit status; 0 or 1 for a Python task).
     """
     _setup_logging(verbose, quiet)
+    interval = checked_interval(progress_interval)
     path = Path(journal) if journal else _latest(lambda run: True)
+    item = select_item(path, key, foreground)
     plan = _plan_from_journal(path, jobs)
     if audit is not None:
         plan.options.audit = os.path.abspath(audit)
-    _execute(
-        plan, {"quiet": quiet, "verbose": verbose}, mode="retry", journal_path=path
-    )
+    if foreground:
+        run_here(plan.options)
+    flags = {
+        "quiet": quiet,
+        "verbose": verbose,
+        "progress_interval": interval,
+        "item": item,
+        "foreground": foreground,
+    }
+    _execute(plan, flags, mode="retry", journal_path=path)
 
 
 @main.command("status")
@@ -691,39 +779,6 @@ def status_command(
         click.echo(f"  finish it with: batchtools resume {path}")
     if counts["failed"]:
         click.echo(f"  re-run the failed items with: batchtools retry {path}")
-
-
-@main.command("show")
-@click.argument("journal", metavar="JOURNAL")
-@click.argument("key")
-def show_command(journal: str, key: str) -> None:
-    """Show one item of a run: its state, value and every failed attempt.
-
-    KEY is the item's key, or its start as the summary prints it when no
-    other item's key starts the same way.
-    """
-    try:
-        history = item_history(journal, key)
-    except ConfigurationError as error:
-        raise UsageError(str(error)) from None
-    except JournalError as error:
-        raise AbortError(str(error)) from None
-    if history is None:
-        raise UsageError(f"no item with key {key!r} in journal {journal}")
-    item, attempts = history
-    click.echo(f"item {item.seq + 1}: {preview(item.item)}")
-    click.echo(f"  key {item.key}, {item.state}, {item.attempts} attempts")
-    if item.value is not None:
-        click.echo(f"  value {item.value}")
-    if item.reason:
-        click.echo(f"  reason: {item.reason}")
-    for number, started, duration, error_text in attempts:
-        record = json.loads(error_text)
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
-        click.echo(
-            f"  attempt {number} at {when}, {duration:.3f} s: "
-            f"{record.get('type', '?')}: {record.get('message', '')}"
-        )
 
 
 # -- planning a run -----------------------------------------------------------
@@ -856,6 +911,25 @@ def _plan_run(
     options["journal"] = journal
     options["audit"] = pick("audit", run_table.audit if run_table else None, None)
     return _checked_plan(plan_options, input_spec)
+
+
+def _apply_fail_fast(context: click.Context, options: dict[str, Any]) -> None:
+    """Turn --fail-fast into --halt now,fail=1, unless a --halt flag is given.
+
+    Both given as flags is an error. A flag wins over the other option's
+    environment variable (BATCHTOOLS_HALT, BATCHTOOLS_FAIL_FAST).
+    """
+    if not options["fail_fast"]:
+        return
+    given = click.core.ParameterSource.COMMANDLINE
+    halt_given = context.get_parameter_source("halt") is given
+    if halt_given and context.get_parameter_source("fail_fast") is given:
+        raise UsageError(
+            f"--fail-fast is short for --halt now,fail=1, so it cannot be combined "
+            f"with --halt {options['halt']}; give one of them"
+        )
+    if not halt_given:
+        options["halt"] = "now,fail=1"
 
 
 def _text(value: Any) -> str | None:
@@ -1144,9 +1218,13 @@ def _execute(
 ) -> NoReturn:
     options = plan.options
     quiet = bool(flags.get("quiet"))
+    foreground = bool(flags.get("foreground"))
     if mode == "run" and not flags.get("no_journal") and flags.get("journal"):
         _check_journal_path(Path(flags["journal"]), options)
+    debugger = start_debugger(plan, flags)
     job = _prepare(plan)
+    if foreground:
+        inherit_output(job)
     secrets = job.settings.secrets
     redactor = secrets.redactor if secrets is not None else None
     if redactor is not None:
@@ -1164,13 +1242,17 @@ def _execute(
         audit.redact = redactor.redact
     metrics = _start_metrics()
     items, journal_rows, rerun = _sources(plan, mode, journal_path)
+    if flags.get("item") is not None:
+        journal_rows, rerun = [flags["item"]], (flags["item"].state,)
     items = _check_first_item(items, plan)
     if options.priority is not None and journal_rows is None:
         items = _by_priority(items, options)
     journal = _open_journal(job, mode, journal_path, flags)
     progress = None
+    periodic = None
     console: Any = None
-    if not quiet and sys.stderr.isatty():
+    restore_logging = None
+    if not quiet and not foreground and sys.stderr.isatty():
         # rich is imported only to draw on a terminal.
         from rich.console import Console
 
@@ -1178,6 +1260,12 @@ def _execute(
 
         console = Console(stderr=True, highlight=False, soft_wrap=True)
         progress = Progress(console, plan.total)
+        restore_logging = log_above(console)
+    elif not quiet and not foreground:
+        periodic = start_progress_log(plan.total, flags.get("progress_interval"))
+    counts = progress or periodic
+    if counts is not None and journal_rows is not None and journal_path is not None:
+        count_earlier(counts, journal_path, rerun, flags.get("item"))
     writer = OutputWriter(
         Path(options.results) if options.results else None,
         write_stderr=(lambda text: console.out(text, highlight=False))
@@ -1194,6 +1282,17 @@ def _execute(
         writer.hide_progress_with(progress.hidden)
         observers.append(progress)
         _count_later(plan, progress)
+    if periodic is not None:
+        observers.append(periodic)
+        _count_later(plan, periodic)
+    observers.extend(_watchers(flags))
+    if debugger is not None:
+        if progress is not None:
+            debugger.hide_with(progress.hidden)
+        observers.append(debugger)
+    item_status = ItemStatus() if foreground else None
+    if item_status is not None:
+        observers.append(item_status)
     engine = build_engine(
         items, job, journal, observers, rerun=rerun, journal_rows=journal_rows
     )
@@ -1217,6 +1316,10 @@ def _execute(
     finally:
         if progress is not None:
             progress.stop()
+        if periodic is not None:
+            periodic.stop()
+        if restore_logging is not None:
+            restore_logging()
         if audit is not None:
             audit.close()
         if metrics is not None:
@@ -1224,9 +1327,33 @@ def _execute(
         if results_lock is not None:
             results_lock.release()
     code = _finish(report, aborted, received, journal, quiet, writer.stdout_closed)
+    if debugger is not None:
+        report_debugging(debugger, journal)
+    if item_status is not None and code in (EXIT_OK, EXIT_FAILED):
+        code = item_status.exit_status(code)
     if mode == "resume" and report is not None and report.total == report.carried:
         code = EXIT_OK  # The run had already finished: nothing was left to do.
     sys.exit(code)
+
+
+def _duration_option(value: str, parameter: click.Parameter) -> float:
+    """Return the seconds of a duration option, or fail with a usage error."""
+    from batchtools.policy._units import parse_duration
+
+    try:
+        return parse_duration(value, name=f"--{parameter.name or ''}".replace("_", "-"))
+    except ConfigurationError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+def _watchers(flags: dict[str, Any]) -> list[Observer]:
+    """Return the observers that warn of slow attempts and memory growth."""
+    from batchtools.observe.watch import MemoryGrowth, SlowAttempts
+
+    slow = SlowAttempts(
+        factor=flags.get("slow_factor") or 10.0, after=flags.get("slow_after") or 1.0
+    )
+    return [slow, MemoryGrowth()]
 
 
 def _start_metrics() -> Metrics | None:
@@ -1509,7 +1636,7 @@ def _open_journal(
         raise AbortError(str(error)) from None
 
 
-def _count_later(plan: Plan, progress: Progress) -> None:
+def _count_later(plan: Plan, progress: ProgressCounts) -> None:
     """Count the items of input files on a helper thread, for the ETA."""
     if plan.total is not None or plan.input.reads_stdin:
         return

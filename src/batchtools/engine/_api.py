@@ -753,6 +753,12 @@ def run(
     try:
         asyncio.get_running_loop()
     except RuntimeError:
+        in_a_loop = False
+    else:
+        in_a_loop = True
+    if not in_a_loop:
+        # Started outside the except block: every error the run raises would
+        # otherwise carry this RuntimeError as its context.
         return asyncio.run(arun(items, task, handle_signals=handle_signals, **kwargs))
     return _run_on_helper_thread(lambda: arun(items, task, **kwargs))
 

@@ -71,6 +71,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("batchtools.engine")
 retry_log = logging.getLogger("batchtools.retry")
+# One INFO line at the start and at the end of every attempt; off by default.
+attempt_log = logging.getLogger("batchtools.attempts")
 # The CLI shows these by default, unlike the engine's routine messages.
 memory_log = logging.getLogger("batchtools.memory")
 cache_log = logging.getLogger("batchtools.cache")
@@ -188,6 +190,33 @@ class _Job:
     cache_leader: bool = False  # runs the task for items waiting on its key
     lock: Any = None  # the lock key, with Settings.lock_key
     holds_key: bool = False
+    slot: int = 0  # the job slot of the last attempt
+    worker: str | None = None  # the process of the last attempt, if known
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptInFlight:
+    """An attempt handed to the backend that has not returned yet.
+
+    Attributes:
+        key: The item's key (for a batch, the first item's key).
+        attempt: The attempt number, from 1.
+        started: When it began, in seconds since the epoch: when a thread
+            took it on the thread backend, and when the engine handed it
+            over on the others. With chunks queued ahead of workers (the
+            process and Dask backends), an attempt may wait at a worker
+            before it executes, and that wait counts, as it does for its
+            timeout.
+        slot: The job slot, from 1.
+        worker: The executing process as ``pid N``, a Dask worker's address,
+            or ``None``.
+    """
+
+    key: str
+    attempt: int
+    started: float
+    slot: int
+    worker: str | None
 
 
 def store_json(value: Any) -> str | None:
@@ -296,6 +325,9 @@ class Engine:
         self._aborted: BaseException | None = None
         # Resolved by the first stop; waits that a stop must end watch it.
         self._stopped: asyncio.Future[None] | None = None
+        # Set when the run starts, so that a run without -v pays one test
+        # per attempt for the attempt log.
+        self._log_attempts = False
         self._abort_message: str | None = None
         self._rng = random.Random()
         self._timeouts: list[tuple[float, int, Call]] = []
@@ -403,16 +435,46 @@ class Engine:
         # Execution goes on here once SIGCONT arrives.
         paused = time.monotonic() - before
         self.backend.signal_workers(signal.SIGCONT)
+        self.extend_timeouts(paused)
+        log.info("run %s continued after %.1f s stopped", self.run_id, paused)
+
+    def extend_timeouts(self, seconds: float) -> None:
+        """Move the timeout of every attempt in flight ``seconds`` later.
+
+        For a pause that must not count against attempts, such as a stop by
+        Ctrl-Z or a debugger session. Call it on the event loop's thread.
+        """
         self._timeouts[:] = [
-            (deadline + paused, order, call) for deadline, order, call in self._timeouts
+            (deadline + seconds, order, call)
+            for deadline, order, call in self._timeouts
         ]
         heapq.heapify(self._timeouts)
-        log.info("run %s continued after %.1f s stopped", self.run_id, paused)
 
     @property
     def in_flight(self) -> int:
         """Attempts handed to the backend and not yet returned."""
         return len(self._active)
+
+    def attempts_in_flight(
+        self, started_before: float | None = None
+    ) -> list[AttemptInFlight]:
+        """Return the attempts in flight, optionally only those started before a time.
+
+        A scan of the attempts in flight, for observers that check them now
+        and then; it allocates only for the attempts it returns.
+
+        Args:
+            started_before: Seconds since the epoch; ``None`` returns all.
+        """
+        found = []
+        for call, job in self._active.items():
+            if started_before is not None and call.started >= started_before:
+                continue
+            key = job.key if job.key is not None else _lazy_key(job)
+            found.append(
+                AttemptInFlight(key, job.attempt, call.started, call.slot, call.worker)
+            )
+        return found
 
     # -- the run ---------------------------------------------------------
 
@@ -430,6 +492,7 @@ class Engine:
         report = self.report
         report.started = time.time()
         began = time.perf_counter()
+        self._log_attempts = attempt_log.isEnabledFor(logging.INFO)
         if self.journal is not None:
             self.journal.start(loop, self._on_commit, self._on_journal_error)
         for observer in self.observers:
@@ -454,7 +517,8 @@ class Engine:
             if started:
                 starting.result()
                 workers = [
-                    loop.create_task(self._work()) for _ in range(self.backend.capacity)
+                    loop.create_task(self._work(slot))
+                    for slot in range(1, self.backend.capacity + 1)
                 ]
                 try:
                     await asyncio.gather(*workers)
@@ -543,7 +607,7 @@ class Engine:
 
     # -- taking jobs -----------------------------------------------------
 
-    async def _work(self) -> None:
+    async def _work(self, slot: int) -> None:
         owner = asyncio.current_task()
         ready = self._ready
         # Without retries waiting, prefetching, ordering or a consumer to
@@ -555,12 +619,12 @@ class Engine:
         )
         while True:
             if simple and ready and not self._retry_ready and self._stopping is None:
-                await attempt(ready.popleft(), owner)
+                await attempt(ready.popleft(), owner, slot)
                 continue
             job = await self._next_job()
             if job is None:
                 return
-            await attempt(job, owner)
+            await attempt(job, owner, slot)
 
     async def _next_job(self) -> _Job | None:
         while True:
@@ -782,12 +846,14 @@ class Engine:
             ),
         )
 
-    async def _attempt_locked(self, job: _Job, owner: asyncio.Task[Any] | None) -> None:
+    async def _attempt_locked(
+        self, job: _Job, owner: asyncio.Task[Any] | None, slot: int
+    ) -> None:
         """Run an attempt of ``job`` while holding its lock key (``lock_key``)."""
         if not self._take_key(job):
             return
         try:
-            await self._attempt(job, owner)
+            await self._attempt(job, owner, slot)
         finally:
             self._release_key(job)
 
@@ -834,7 +900,9 @@ class Engine:
         self._retry_ready.append(following)
         self._wake_all()
 
-    async def _attempt(self, job: _Job, owner: asyncio.Task[Any] | None) -> None:
+    async def _attempt(
+        self, job: _Job, owner: asyncio.Task[Any] | None, slot: int
+    ) -> None:
         cache = self.settings.cache
         if cache is not None and not job.cache_leader and not self._cache_misses(job):
             return
@@ -876,9 +944,13 @@ class Engine:
             job.first_started = started
         call = Call(job.item, lambda: self._context(job), self._attempt_timeout(job))
         call.owner = owner
+        call.started = started
+        call.slot = slot
         self._active[call] = job
         if call.timeout is not None:
             self._add_deadline(call)
+        if self._log_attempts:
+            self._log_attempt(job)
         began = time.perf_counter()
         try:
             if self._direct is not None:
@@ -888,6 +960,9 @@ class Engine:
         except asyncio.CancelledError as error:
             del self._active[call]
             duration = time.perf_counter() - began
+            job.slot, job.worker = call.slot, call.worker
+            if call.started != started:
+                started, duration = _from_execution(call.started, started, duration)
             if call.cancel_error is not None and self._direct is not None:
                 # A timeout or cancel of a coroutine called directly: the
                 # backend cancelled this worker task to interrupt it.
@@ -912,12 +987,18 @@ class Engine:
         except BaseException as error:
             del self._active[call]
             duration = time.perf_counter() - began
+            job.slot, job.worker = call.slot, call.worker
+            if call.started != started:
+                started, duration = _from_execution(call.started, started, duration)
             if limiter is not None:
                 self._release_slot(limiter, slot_began, error)
             self._failed(job, error, started, duration)
             return
         del self._active[call]
         duration = time.perf_counter() - began
+        job.slot, job.worker = call.slot, call.worker
+        if call.started != started:
+            started, duration = _from_execution(call.started, started, duration)
         if limiter is not None:
             limiter.release(max(0.0, limiter.policy.clock() - slot_began))
             self._free_slots(limiter)
@@ -929,6 +1010,8 @@ class Engine:
                 or single.generation != job.circuit_generation
             ):
                 self._record_circuit(job, None)
+        if self._log_attempts:
+            self._log_attempt(job, duration)
         if job.members is None:
             self._succeeded(job, value, started, duration)
         else:
@@ -1247,6 +1330,9 @@ class Engine:
                 attempts=job.attempt,
                 value=store(self._redacted_value(value)),
                 ended=started + duration,
+                duration=duration,
+                slot=job.slot or None,
+                worker=job.worker,
             )
         if job.cache_leader:
             self._cache_settle(job, value, ok=True)
@@ -1263,6 +1349,7 @@ class Engine:
             for member, member_value in zip(job.members, values, strict=True):
                 member.attempt = job.attempt
                 member.attempts = job.attempts
+                member.slot, member.worker = job.slot, job.worker
                 self._succeeded(member, member_value, started, duration)
             return
         try:
@@ -1273,6 +1360,7 @@ class Engine:
         for member, member_value in zip(job.members, values, strict=True):
             member.attempt = job.attempt
             member.attempts = job.attempts
+            member.slot, member.worker = job.slot, job.worker
             if isinstance(member_value, BaseException):
                 self._fail_for_good(member, member_value, started, duration)
             else:
@@ -1281,6 +1369,8 @@ class Engine:
     def _failed(
         self, job: _Job, error: BaseException, started: float, duration: float
     ) -> None:
+        if self._log_attempts:
+            self._log_attempt(job, duration, error)
         if self.settings.breakers is not None:
             self._record_circuit(job, error)
         if job.attempts is None:
@@ -1306,6 +1396,34 @@ class Engine:
             self._fail_for_good(job, error, started, duration, recorded=True)
             return
         self._park(job, error, started, duration, delay)
+
+    def _log_attempt(
+        self,
+        job: _Job,
+        duration: float | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Log the start of an attempt, or with ``duration`` its end."""
+        first = job if job.members is None else job.members[0]
+        key = first.key or _lazy_key(first)
+        if job.members is not None:
+            key = f"{key} (a batch of {len(job.members)} items)"
+        if duration is None:
+            attempt_log.info("item %s attempt %d started", key, job.attempt)
+        elif error is None:
+            attempt_log.info(
+                "item %s attempt %d succeeded in %.3f s", key, job.attempt, duration
+            )
+        else:
+            ending = "was cancelled" if isinstance(error, Interrupted) else "failed"
+            attempt_log.info(
+                "item %s attempt %d %s after %.3f s: %s",
+                key,
+                job.attempt,
+                ending,
+                duration,
+                self._redact(_describe(error)),
+            )
 
     def _retry_delay(self, job: _Job, error: BaseException) -> float | None:
         policy = self.settings.retry
@@ -1347,9 +1465,16 @@ class Engine:
             observer.on_retry(key, job.attempt, delay, error)
         if self.journal is not None:
             text = error_json(error, self._redactor)
+            slot = job.slot or None
             for member in job.members or (job,):
                 self.journal.add_attempt(
-                    member.seq, job.attempt, started, duration, text
+                    member.seq,
+                    job.attempt,
+                    started,
+                    duration,
+                    text,
+                    slot=slot,
+                    worker=job.worker,
                 )
                 self.journal.update(
                     member.seq,
@@ -1389,6 +1514,7 @@ class Engine:
                 member.attempt = job.attempt
                 member.attempts = job.attempts
                 member.lost_workers = job.lost_workers
+                member.slot, member.worker = job.slot, job.worker
                 self._fail_for_good(member, error, started, duration, recorded=recorded)
             return
         if not recorded:
@@ -1408,7 +1534,16 @@ class Engine:
         op = None
         if self.journal is not None:
             text = error_json(error, self._redactor)
-            self.journal.add_attempt(job.seq, job.attempt, started, duration, text)
+            slot = job.slot or None
+            self.journal.add_attempt(
+                job.seq,
+                job.attempt,
+                started,
+                duration,
+                text,
+                slot=slot,
+                worker=job.worker,
+            )
             op = self.journal.update(
                 job.seq,
                 "failed",
@@ -1416,6 +1551,9 @@ class Engine:
                 lost_workers=job.lost_workers,
                 error=text,
                 ended=started + duration,
+                duration=duration,
+                slot=slot,
+                worker=job.worker,
             )
         self._emit(job.index, outcome, op)
 
@@ -1614,6 +1752,26 @@ async def _watch_stalls(period: float = 0.25, limit: float = 1.0) -> None:
 
 def _block_size(batch_size: int) -> int:
     return max(256, batch_size * 16)
+
+
+def _describe(error: BaseException) -> str:
+    """Return an error as a log line shows it: its type, unless the text names it."""
+    if isinstance(error, RemoteError):
+        return f"{error.type_name}: {error.message}"
+    if isinstance(error, BatchtoolsError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _from_execution(
+    executing: float, handed_over: float, duration: float
+) -> tuple[float, float]:
+    """Return an attempt's start and duration from when a worker began executing it.
+
+    A backend that queues attempts ahead of its workers sets `Call.started`
+    when a worker takes one, so the wait in its queue does not count.
+    """
+    return executing, max(0.0, duration - (executing - handed_over))
 
 
 def _first_item(job: _Job) -> Any:

@@ -10,11 +10,21 @@ from batchtools.journal._journal import (
     iter_items,
     read_run,
 )
+from batchtools.journal._traces import (
+    AttemptTrace,
+    ItemTrace,
+    JournalReader,
+    TimelineSample,
+)
 
 __all__ = [
+    "AttemptTrace",
     "ItemRow",
+    "ItemTrace",
     "Journal",
+    "JournalReader",
     "RunRecord",
+    "TimelineSample",
     "check_path",
     "count_states",
     "item_history",

@@ -238,6 +238,27 @@ def _check_identity(path: Path, conn: sqlite3.Connection) -> None:
         )
 
 
+def _migrate(path: Path, conn: sqlite3.Connection) -> None:
+    """Bring the journal's schema to the current version, inside the open transaction.
+
+    A journal written by an earlier version gains the columns added since;
+    its rows keep null there.
+    """
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version >= sql.SCHEMA_VERSION:
+        return
+    for step in range(version, sql.SCHEMA_VERSION):
+        for statement in sql.MIGRATIONS[step]:
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version={sql.SCHEMA_VERSION}")
+    log.info(
+        "journal %s upgraded from schema version %d to %d",
+        path,
+        version,
+        sql.SCHEMA_VERSION,
+    )
+
+
 def count_states(path: str | os.PathLike[str]) -> dict[str, int]:
     """Return how many items of the journal are in each state."""
     journal_path = Path(path)
@@ -507,6 +528,7 @@ class Journal:
             for pragma in sql.PRAGMAS:
                 conn.execute(pragma)
             conn.execute("BEGIN IMMEDIATE")
+            _migrate(self.path, conn)
             self.session = conn.execute(sql.START_SESSION, (time.time(),)).fetchone()[0]
             if self._replacement is not None:
                 signature, spec = self._replacement
@@ -593,8 +615,15 @@ class Journal:
         reason: str | None = None,
         started: float | None = None,
         ended: float | None = None,
+        duration: float | None = None,
+        slot: int | None = None,
+        worker: str | None = None,
     ) -> int:
-        """Record an item's new state; return the operation's number."""
+        """Record an item's new state; return the operation's number.
+
+        ``duration``, ``slot`` and ``worker`` describe the item's last
+        attempt, which ended at ``ended``.
+        """
         return self._post(
             (
                 "u",
@@ -608,15 +637,26 @@ class Journal:
                     reason,
                     started,
                     ended,
+                    duration,
+                    slot,
+                    worker,
                 ],
             )
         )
 
     def add_attempt(
-        self, seq: int, number: int, started: float, duration: float, error: str
+        self,
+        seq: int,
+        number: int,
+        started: float,
+        duration: float,
+        error: str,
+        *,
+        slot: int | None = None,
+        worker: str | None = None,
     ) -> int:
         """Record a failed attempt; return the operation's number."""
-        return self._post(("a", [seq, number, started, duration, error]))
+        return self._post(("a", [seq, number, started, duration, error, slot, worker]))
 
     def event(self, kind: str, detail: dict[str, Any]) -> int:
         """Record a run event (interruption, halt, end of input)."""
@@ -801,9 +841,10 @@ class _GroupWriter:
         staged = self.staged.get(seq)
         if staged is not None:
             # Staged row: [seq, key, digest, item, claimed, state, attempts,
-            # lost_workers, value, error, reason, started, ended].
+            # lost_workers, value, error, reason, started, ended, duration,
+            # slot, worker].
             staged[5] = state
-            for offset in range(2, 9):
+            for offset in range(2, 12):
                 if row[offset] is not None:
                     staged[offset + 4] = row[offset]
             if state == "succeeded":
@@ -982,8 +1023,8 @@ def _pending_row(seq: int, key: str, text: str, session: int) -> list[Any]:
     The last column, the digest hash, is added when the row is written.
     """
     # seq, key, digest, item, claimed, state, attempts, lost_workers, value,
-    # error, reason, started, ended
-    return [seq, key, key, text, session, "pending", 0, 0, None, None, None, None, None]
+    # error, reason, started, ended, duration, slot, worker
+    return [seq, key, key, text, session, "pending", 0, 0] + [None] * 8
 
 
 class _DigestFilter:

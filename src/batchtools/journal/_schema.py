@@ -7,6 +7,13 @@ its ``items`` row. ``claimed`` is the session that last read the item from
 the input, so that a resume can tell items it has matched from those it
 has not.
 
+The trace of an attempt is its start, duration, job slot (from 1) and
+worker (``pid N`` of a worker or command process, or a Dask worker's
+address). The items row keeps them for the last attempt, as ``ended``,
+``duration``, ``slot`` and ``worker``; a failed attempt's row keeps its own.
+A successful attempt thus costs no row of its own. Exit statuses and the
+tails of stderr travel in the error's JSON record.
+
 Items are found by content through ``dhash``, a 64-bit hash of the digest
 shared by all copies of an item. An index over it costs about half as much
 to keep up as one over the 32-character keys: new items land on random
@@ -16,7 +23,7 @@ pages of any such index, and every page touched is rewritten at commit.
 from __future__ import annotations
 
 APPLICATION_ID = 0x62746368  # "btch": marks the file as a batchtools journal
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # WAL lets `status` read while the run writes. synchronous=FULL fsyncs the
 # WAL at every commit, so a committed outcome survives power loss; commits
@@ -56,7 +63,10 @@ CREATE = (
         reason TEXT,
         started REAL,
         ended REAL,
-        claimed INTEGER NOT NULL DEFAULT 0
+        claimed INTEGER NOT NULL DEFAULT 0,
+        duration REAL,
+        slot INTEGER,
+        worker TEXT
     )""",
     "CREATE INDEX items_dhash ON items (dhash)",
     """CREATE TABLE attempts (
@@ -65,6 +75,8 @@ CREATE = (
         started REAL NOT NULL,
         duration REAL NOT NULL,
         error TEXT NOT NULL,
+        slot INTEGER,
+        worker TEXT,
         PRIMARY KEY (seq, number)
     ) WITHOUT ROWID""",
     """CREATE TABLE events (
@@ -75,6 +87,19 @@ CREATE = (
         detail TEXT NOT NULL
     )""",
 )
+
+# The statements that bring a journal of version N to version N + 1. They
+# only add columns, which SQLite does without rewriting the table, and the
+# added columns are null in rows written before.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "ALTER TABLE items ADD COLUMN duration REAL",
+        "ALTER TABLE items ADD COLUMN slot INTEGER",
+        "ALTER TABLE items ADD COLUMN worker TEXT",
+        "ALTER TABLE attempts ADD COLUMN slot INTEGER",
+        "ALTER TABLE attempts ADD COLUMN worker TEXT",
+    ),
+}
 
 INSERT_RUN = """
     INSERT INTO run (id, run_id, signature, spec, created, updated, state)
@@ -101,14 +126,14 @@ INSERT_EVENT = """
 # Each row is [seq, key, digest, item, session].
 STAGED_COLUMNS = (
     "seq, key, digest, item, claimed, state, attempts, lost_workers, value, "
-    "error, reason, started, ended, dhash"
+    "error, reason, started, ended, duration, slot, worker, dhash"
 )
-STAGED_WIDTH = 14
+STAGED_WIDTH = 17
 # A multi-row VALUES statement binds a whole group in one step, so the
 # sqlite3 module does not give up and retake the GIL once per row, as
-# executemany does. 2,000 rows of 14 values stay under SQLite's limit of
+# executemany does. 1,900 rows of 17 values stay under SQLite's limit of
 # 32,766 parameters.
-STAGED_ROWS_PER_STATEMENT = 2000
+STAGED_ROWS_PER_STATEMENT = 1900
 
 
 def insert_staged(rows: int) -> str:
@@ -147,7 +172,7 @@ MAX_SEQ = "SELECT coalesce(max(seq), -1) FROM items"
 SEQ_EXISTS = "SELECT 1 FROM items WHERE seq = ?"
 
 # Each row is [seq, state, attempts, lost_workers, value, error, reason,
-# started, ended]; null leaves a column as it is.
+# started, ended, duration, slot, worker]; null leaves a column as it is.
 UPDATE_ITEMS = """
     UPDATE items SET
         state = j.value ->> 1,
@@ -159,14 +184,18 @@ UPDATE_ITEMS = """
                      THEN coalesce(j.value ->> 5, error) ELSE NULL END,
         reason = j.value ->> 6,
         started = coalesce(j.value ->> 7, started),
-        ended = coalesce(j.value ->> 8, ended)
+        ended = coalesce(j.value ->> 8, ended),
+        duration = coalesce(j.value ->> 9, duration),
+        slot = coalesce(j.value ->> 10, slot),
+        worker = coalesce(j.value ->> 11, worker)
     FROM json_each(?) AS j
     WHERE items.seq = j.value ->> 0
 """
 INSERT_ATTEMPTS = """
-    INSERT OR REPLACE INTO attempts (seq, number, started, duration, error)
+    INSERT OR REPLACE INTO attempts
+        (seq, number, started, duration, error, slot, worker)
     SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3,
-           j.value ->> 4
+           j.value ->> 4, j.value ->> 5, j.value ->> 6
     FROM json_each(?) AS j
 """
 
