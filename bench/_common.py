@@ -328,6 +328,12 @@ def machine_description(command: str, session: Session) -> str:
             f"{os.getloadavg()[0]:.2f} at the end.",
             f"- Command: `{command}`.",
             "",
+            "![Speed against each baseline](images/benchmarks.png)",
+            "",
+            "The chart shows each speed ratio of the tables below; bars to "
+            "the right of 1x are baselines that batchtools beats. "
+            "`bench/plot.py` draws it from this page.",
+            "",
         ]
     )
 

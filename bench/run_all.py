@@ -23,6 +23,7 @@ import graph_overhead
 import grep_speed
 import journal_resume
 import pipeline_memory
+import plot
 import policy_overhead
 import process_cpu
 import shell_commands
@@ -82,6 +83,7 @@ def main() -> None:
     session = Session.start()
     results = [measure(config) for measure in WORKLOADS]
     output.write_text(render_page(results, session))
+    plot.write_chart(output.read_text(), output.parent / "images" / "benchmarks.png")
     minutes = (time.perf_counter() - session.began) / 60
     log(f"wrote {output} after {minutes:.1f} minutes")
 
