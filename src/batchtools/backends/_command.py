@@ -83,6 +83,10 @@ _SHELL_SAFE = re.compile(rb"[A-Za-z0-9_@%+:,./-]+")
 
 _SHELL = b"/bin/sh"
 
+# Longer column numbers are rejected: no item has that many columns, and
+# int() rejects text of more than 4,300 digits by default.
+_MAX_COLUMN_DIGITS = 18
+
 
 class _Kind(Enum):
     ITEM = "item"
@@ -164,7 +168,8 @@ class CommandTemplate:
 
         Raises:
             TemplateError: The template is empty, has an unbalanced quote,
-                an element that is neither str nor bytes, or ``{0}``.
+                an element that is neither str nor bytes, ``{0}``, or a column
+                number of more than 18 digits.
         """
         if isinstance(template, str):
             source = template
@@ -424,6 +429,11 @@ def _make_field(match: re.Match[bytes], source: str, *, whole_word: bool) -> _Fi
     transform = transform or b""
     if number is None:
         return _Field(_Kind.ITEM, 0, transform, text, whole_word)
+    if len(number.lstrip(b"-")) > _MAX_COLUMN_DIGITS:
+        raise TemplateError(
+            f"command template {reprlib.repr(source)}: {reprlib.repr(text)} refers "
+            "to a column beyond any item's columns; columns are numbered from 1"
+        )
     position = int(number)
     if position == 0:
         raise TemplateError(

@@ -97,9 +97,15 @@ class InputSpec:
         """Check that every file can be opened, before anything runs.
 
         Raises:
-            ConfigurationError: A file is missing or unreadable, or the
-                column separator is not a valid regular expression.
+            ConfigurationError: There is no source, a file is missing or
+                unreadable, or the column separator is not a valid regular
+                expression.
         """
+        if not self.sources:
+            raise ConfigurationError(
+                "the input has no source: give items after ':::', files after "
+                "'::::', or items on standard input"
+            )
         if self.colsep is not None:
             try:
                 re.compile(self.colsep.encode("utf-8", "surrogateescape"))
@@ -117,6 +123,11 @@ class InputSpec:
                 except OSError as error:
                     raise ConfigurationError(
                         f"cannot read the input file {source.path!r}: {error.strerror}"
+                    ) from None
+                except ValueError:  # a NUL byte, which no path can contain
+                    raise ConfigurationError(
+                        f"cannot read the input file {source.path!r}: the name "
+                        "contains a NUL byte"
                     ) from None
 
     def total(self) -> int | None:
@@ -162,7 +173,7 @@ class InputSpec:
         if source.kind == "glob":
             assert source.path is not None
             paths = glob.iglob(source.path, recursive=True)
-            return ((os.fsencode(path),) for path in sorted(paths))
+            return ((os.fsencode(path),) for path in sorted(paths) if _exists(path))
         stream = stdin if stdin is not None else sys.stdin.buffer
         return self._split(_records(stream, self.null))
 
@@ -171,6 +182,12 @@ class InputSpec:
             return ((record,) for record in records)
         pattern = re.compile(self.colsep.encode("utf-8", "surrogateescape"))
         return (tuple(pattern.split(record)) for record in records)
+
+
+def _exists(path: str) -> bool:
+    # With recursive=True, a pattern ending in "/**" under a folder that
+    # does not exist yields that folder with a trailing slash (CPython 3.11).
+    return not path.endswith(os.sep) or os.path.isdir(path)
 
 
 def _product(

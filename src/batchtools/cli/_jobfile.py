@@ -21,6 +21,7 @@ variables override the file.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
@@ -60,6 +61,18 @@ def _not_negative(value: int) -> None:
         raise ConfigurationError("must be 0 or more")
 
 
+def _finite(value: float) -> None:
+    if not math.isfinite(value):
+        raise ConfigurationError("must be a finite number")
+
+
+def _no_nul(value: str | list[str]) -> None:
+    # TOML can write a NUL as "\u0000", but no file name can contain one.
+    texts = value if isinstance(value, list) else [value]
+    if any("\0" in text for text in texts):
+        raise ConfigurationError("a path cannot contain a NUL character")
+
+
 # Value types that job files share: `batchtools run`, graphs, pipelines
 # and transactions check them the same way.
 Jobs = Annotated[
@@ -71,6 +84,7 @@ Duration = Annotated[
     str | float | int | None,
     _checked(lambda value: parse_duration(value, name="duration")),
 ]
+PathText = Annotated[str | None, _checked(_no_nul)]
 Size = Annotated[
     str | int | None, _checked(lambda value: parse_size(value, name="size"))
 ]
@@ -92,6 +106,18 @@ def read_toml(path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as error:
         raise ConfigurationError(
             f"job file {path!r} is not valid TOML: {error}"
+        ) from None
+    except UnicodeDecodeError as error:
+        # tomllib decodes the whole file first and lets this error through.
+        raise ConfigurationError(
+            f"job file {path!r} is not UTF-8 text: byte {error.start} cannot be "
+            "decoded; save it as UTF-8"
+        ) from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise ConfigurationError(
+            f"job file {path!r} nests arrays or inline tables too deeply to read; "
+            "flatten it"
         ) from None
 
 
@@ -132,7 +158,7 @@ class RunTable(_Strict):
     """The ``[run]`` table: options of `batchtools run`."""
 
     jobs: Jobs = None
-    journal: str | None = None
+    journal: PathText = None
     retries: Retries = None
     timeout: Duration = None
     keep_order: bool | None = None
@@ -142,7 +168,7 @@ class RunTable(_Strict):
     breaker_reset: Duration = None
     deadline: Duration = None
     item_deadline: Duration = None
-    results: str | None = None
+    results: PathText = None
     shell: bool | None = None
     max_args: Count = None
     colsep: str | None = None
@@ -151,14 +177,14 @@ class RunTable(_Strict):
     mem_per_item: Size = None
     max_memory: Size = None
     max_items_per_worker: Count = None
-    cache: str | None = None
+    cache: PathText = None
     cache_ttl: Duration = None
     serialize_by: str | None = None
     priority: str | None = None
-    priority_aging: float | int | None = None
+    priority_aging: Annotated[float | int | None, _checked(_finite)] = None
     scheduler: str | None = None
     local_cluster: Count = None
-    audit: str | None = None
+    audit: PathText = None
     secrets: dict[str, str] | None = None
 
 
@@ -166,8 +192,8 @@ class InputTable(_Strict):
     """The ``[input]`` table: where the items come from."""
 
     args: list[str] | list[list[str]] | None = None
-    files: list[str] | None = None
-    glob: str | None = None
+    files: Annotated[list[str] | None, _checked(_no_nul)] = None
+    glob: PathText = None
     stdin: bool = False
 
 
@@ -219,6 +245,11 @@ def load_job_file(path: str) -> JobFile:
     if len(sources) > 1:
         raise ConfigurationError(
             f"job file {path!r}: [input] has {' and '.join(sources)}; give only one"
+        )
+    if job.input.files == []:
+        raise ConfigurationError(
+            f"job file {path!r}: [input] files is an empty list; name at least "
+            "one file, or give the items another way"
         )
     if job.task.command is not None and job.task.call is not None:
         raise ConfigurationError(

@@ -124,7 +124,8 @@ def is_pipeline_job(path: str) -> bool:
     try:
         with open(path, "rb") as stream:
             return "pipeline" in tomllib.load(stream)
-    except (OSError, tomllib.TOMLDecodeError):
+    except (OSError, ValueError, RecursionError):
+        # ValueError covers TOMLDecodeError and a file that is not UTF-8.
         return False
 
 

@@ -62,7 +62,8 @@ def is_transaction_job(path: str) -> bool:
     try:
         with open(path, "rb") as stream:
             return "transaction" in tomllib.load(stream)
-    except (OSError, tomllib.TOMLDecodeError):
+    except (OSError, ValueError, RecursionError):
+        # ValueError covers TOMLDecodeError and a file that is not UTF-8.
         return False  # the run command reports the file's problem
 
 

@@ -8,9 +8,12 @@ from datetime import timedelta
 
 from batchtools._exceptions import ConfigurationError
 
-_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*", re.ASCII)
+# A decimal number, with an optional exponent because a float from a TOML job
+# file may be written back as text such as "1e-05".
+_NUMBER = r"((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)"
+_DURATION = re.compile(rf"\s*{_NUMBER}\s*(ms|s|m|h|d)?\s*", re.ASCII)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(i?B?)\s*", re.ASCII | re.I)
+_SIZE = re.compile(rf"\s*{_NUMBER}\s*([KMGT]?)(i?B?)\s*", re.ASCII | re.I)
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -33,7 +36,10 @@ def parse_duration(value: str | float | timedelta, *, name: str = "duration") ->
     elif isinstance(value, bool):
         seconds = math.nan
     elif isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond the float range
+            seconds = math.inf
     else:
         match = _DURATION.fullmatch(str(value))
         if match is None:
@@ -42,7 +48,11 @@ def parse_duration(value: str | float | timedelta, *, name: str = "duration") ->
                 "ms, s, m, h or d, such as '30s' or '250ms'"
             )
         seconds = float(match[1]) * _DURATION_UNITS[match[2] or "s"]
-    if not math.isfinite(seconds) or seconds <= 0:
+    if math.isinf(seconds):
+        raise ConfigurationError(
+            f"invalid {name} {value!r}: it must be a finite number of seconds"
+        )
+    if not seconds > 0:  # also true for NaN
         raise ConfigurationError(
             f"invalid {name} {value!r}: it must be greater than zero"
         )
@@ -74,7 +84,12 @@ def parse_size(value: str | int, *, name: str = "size") -> int:
                 f"invalid {name} {value!r}: use a number with an optional unit "
                 "K, M, G or T, such as '512M'"
             )
-        size = int(float(match[1]) * _SIZE_UNITS[match[2].upper()])
+        number = float(match[1]) * _SIZE_UNITS[match[2].upper()]
+        if not math.isfinite(number):
+            raise ConfigurationError(
+                f"invalid {name} {value!r}: it is too large to be a size in bytes"
+            )
+        size = int(number)
     if size <= 0:
         raise ConfigurationError(f"invalid {name} {value!r}: it must be above zero")
     return size
