@@ -75,29 +75,6 @@ DAMAGES: dict[str, Damage] = {
 }
 """Damages made from the journal's bytes and its page size."""
 
-# A truncation inside the last page removes only bytes that most commands
-# never read, so SQLite opens the file without complaint. Whether a command
-# that only reads happens to read that page depends on the file's layout, so
-# those cases are not strict. Retry, resume and run always write to the file.
-UNDETECTED = {"truncated-mid-last-page", "truncated-last-byte"}
-UNDETECTED_REASON = (
-    "a journal whose last page is cut short is opened, and written to, because "
-    "nothing compares the file's length with the page count in its header"
-)
-
-# report and show open the journal with JournalReader, which lets the
-# sqlite3.DatabaseError of a file that SQLite cannot read escape.
-UNREADABLE = {
-    "truncated-in-magic", "truncated-after-header", "truncated-to-first-page",
-    "truncated-mid-second-page", "truncated-mid-file", "zeroed",
-    "zeroed-first-page",
-}  # fmt: skip
-READERS = {"report", "report-json", "show"}
-READER_REASON = (
-    "report and show print a traceback for a file SQLite cannot read, because "
-    "JournalReader does not turn the identity check's sqlite3.DatabaseError "
-    "into a JournalError"
-)
 WRITERS = {"retry", "resume", "run"}
 
 COMMANDS = (
@@ -117,15 +94,7 @@ def _pairs() -> list[Any]:
         else:
             commands = (COMMANDS[index % len(COMMANDS)],)
         for command in commands:
-            marks = []
-            if kind in UNDETECTED:
-                strict = command in WRITERS
-                marks.append(pytest.mark.xfail(strict=strict, reason=UNDETECTED_REASON))
-            elif kind in UNREADABLE and command in READERS:
-                marks.append(pytest.mark.xfail(strict=True, reason=READER_REASON))
-            pairs.append(
-                pytest.param(kind, command, marks=marks, id=f"{kind}-{command}")
-            )
+            pairs.append(pytest.param(kind, command, id=f"{kind}-{command}"))
     return pairs
 
 
@@ -215,21 +184,9 @@ def test_damaged_journal_rejected_untouched(
 @pytest.mark.parametrize(
     "kind",
     [
-        pytest.param(
-            kind,
-            marks=[]
-            if kind == "newer-schema"
-            else [
-                pytest.mark.xfail(
-                    strict=True,
-                    reason="the error for a damaged or foreign file says what is "
-                    "wrong but not what to do next",
-                )
-            ],
-        )
+        kind
         for kind in KINDS
-        if kind not in UNDETECTED
-        and (CAMPAIGN.full or kind in ("zeroed", "foreign", "newer-schema"))
+        if CAMPAIGN.full or kind in ("zeroed", "foreign", "newer-schema")
     ],
 )
 def test_damaged_journal_error_names_next_step(

@@ -116,12 +116,6 @@ def test_file_items_with_64_descriptors(
     assert integrity_check(journal) == "ok"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with more job slots than descriptors allow, spawning a command fails "
-    "with EMFILE and every remaining item fails with it, instead of the run "
-    "waiting for descriptors or fitting its concurrency to the limit",
-)
 def test_file_items_with_64_descriptors_many_jobs(
     tmp_path: Path, campaign: Campaign, scenario: ScenarioRecord
 ) -> None:
@@ -227,15 +221,6 @@ class _MemorySampler:
         self._thread.join()
 
 
-JOURNAL_CACHE_REASON = (
-    "the journal's SQLite connection caches one prepared INSERT per distinct "
-    "commit-group size (up to 128, each with up to 2,000 rows of bound "
-    "parameters), so memory grows with the run until the cache is full; how "
-    "far depends on timing, which test_journal_memory_flat_over_group_sizes "
-    "shows without it"
-)
-
-
 @pytest.mark.timeout(RUN_LIMIT + 60)
 @pytest.mark.parametrize(
     "journaled",
@@ -245,10 +230,9 @@ JOURNAL_CACHE_REASON = (
             True,
             id="journal",
             marks=[
-                pytest.mark.xfail(strict=False, reason=JOURNAL_CACHE_REASON),
                 pytest.mark.skipif(
                     not CAMPAIGN.full,
-                    reason="timing decides whether it fails; the subset runs "
+                    reason="a million items take minutes; the subset runs "
                     "test_journal_memory_flat_over_group_sizes instead",
                 ),
             ],
@@ -321,7 +305,6 @@ def test_many_items_from_stdin_flat_memory(
     assert sampler.peak <= bound
 
 
-@pytest.mark.xfail(strict=True, reason=JOURNAL_CACHE_REASON)
 def test_journal_memory_flat_over_group_sizes(
     tmp_path: Path, campaign: Campaign, scenario: ScenarioRecord
 ) -> None:

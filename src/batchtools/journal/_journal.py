@@ -161,6 +161,39 @@ def _filesystem_type(path: Path) -> str:
     return fstype
 
 
+def _check_length(path: Path) -> None:
+    """Reject a file shorter than the page count in its SQLite header.
+
+    SQLite itself reads such a file until it reaches the missing part, and
+    a writer may then extend it, so a journal cut short (a copy stopped
+    early, a full disk) would be resumed and damaged further. A write-ahead
+    log with frames may still hold the missing pages after a crash during
+    a checkpoint; SQLite replays it, so the check is skipped then.
+    """
+    try:
+        with open(path, "rb") as file:
+            header = file.read(100)
+            length = os.fstat(file.fileno()).st_size
+        wal = os.stat(f"{path}-wal").st_size if os.path.exists(f"{path}-wal") else 0
+    except OSError:
+        return  # opening the database reports it
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\0") or wal > 32:
+        return
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    # The page count is valid only when its version matches the change counter.
+    if pages == 0 or header[92:96] != header[24:28]:
+        return
+    if length < pages * page_size:
+        raise JournalError(
+            str(path),
+            f"it is {length:,} bytes long, but its header counts {pages:,} pages "
+            f"of {page_size:,} bytes, so it was cut short; its items cannot be "
+            "resumed, so start the run again with another --journal path",
+        )
+
+
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         uri = f"file:{path}?mode=ro"
@@ -179,7 +212,11 @@ def _translate(path: Path, error: sqlite3.Error, doing: str) -> JournalError:
     if "full" in text.lower():
         hint = "; free disk space, then run 'batchtools resume' on it"
     elif "not a database" in text or "malformed" in text:
-        hint = "; the file is damaged or not a journal"
+        hint = (
+            "; the file is damaged or not a journal, and its items cannot be "
+            "resumed: start the run again with another --journal path, and "
+            "keep this file to salvage what it holds (sqlite3 PATH .recover)"
+        )
     return JournalError(str(path), f"{doing} failed: {text}{hint}")
 
 
@@ -224,11 +261,14 @@ def read_run(path: str | os.PathLike[str]) -> RunRecord:
 
 
 def _check_identity(path: Path, conn: sqlite3.Connection) -> None:
+    _check_length(path)
     application_id = conn.execute("PRAGMA application_id").fetchone()[0]
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if application_id != sql.APPLICATION_ID:
         raise JournalError(
-            str(path), "it is an SQLite file but not a batchtools journal"
+            str(path),
+            "it is an SQLite file but not a batchtools journal; give the path of "
+            "a journal, or another --journal path for a new run",
         )
     if version > sql.SCHEMA_VERSION:
         raise JournalError(
@@ -865,10 +905,18 @@ class _GroupWriter:
             return
         rows = list(self.staged.values())
         size = sql.STAGED_ROWS_PER_STATEMENT
-        for start in range(0, len(rows), size):
-            chunk = rows[start : start + size]
+        start = 0
+        while start < len(rows):
+            # Full statements, then the rest in powers of two: sqlite3 keeps
+            # each statement text it has seen, with its last bound values, so
+            # a statement per group size would hold a group's items for each
+            # of up to 1,900 sizes.
+            left = len(rows) - start
+            count = size if left >= size else 1 << (left.bit_length() - 1)
+            chunk = rows[start : start + count]
             values = [v for row in chunk for v in (*row, digest_hash(row[2]))]
-            self.conn.execute(sql.insert_staged(len(chunk)), values)
+            self.conn.execute(sql.insert_staged(count), values)
+            start += count
         self.staged.clear()
         self.staged_keys.clear()
 

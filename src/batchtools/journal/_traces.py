@@ -169,6 +169,9 @@ class JournalReader:
         try:
             _check_identity(self.path, self._conn)
             self.version: int = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as error:
+            self._conn.close()
+            raise _translate(self.path, error, "reading") from error
         except BaseException:
             self._conn.close()
             raise
