@@ -121,11 +121,6 @@ def test_atheris_parsers(tmp_path: Path, scenario: ScenarioRecord) -> None:
     assert done is not None, report[-4000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CircuitBreaker.parse accepts any count, and a count beyond "
-    "sys.maxsize overflows collections.deque(maxlen=...) with a traceback",
-)
 @pytest.mark.parametrize("value", ["9" * 30, "50%/" + "9" * 30])
 def test_huge_breaker_count_is_usage_error(
     tmp_path: Path, scenario: ScenarioRecord, value: str
@@ -141,11 +136,6 @@ def test_huge_breaker_count_is_usage_error(
     assert len(error_lines(result.stderr)) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a run whose deadline passes before any item starts exits 0 and is "
-    "recorded as finished, although no item ran",
-)
 def test_deadline_before_first_item_is_not_success(
     tmp_path: Path, scenario: ScenarioRecord
 ) -> None:

@@ -45,6 +45,7 @@ import errno
 import heapq
 import logging
 import os
+import resource
 import shutil
 import signal
 import tempfile
@@ -374,6 +375,35 @@ class _Command:
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
+# Descriptors one command holds while it is spawned: its stdout and stderr
+# pipes, the error pipe of the spawn and a pidfd. Kept for the run itself:
+# the journal and its WAL, logs, and the event loop's own.
+_DESCRIPTORS_PER_COMMAND = 6
+_DESCRIPTORS_KEPT = 16
+
+
+def _open_descriptors_left() -> int | None:
+    """Return how many more descriptors this process may open, if known."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        used = len(
+            os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd")
+        )
+    except OSError:
+        return None
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(0, soft - used)
+
+
+def _slots_within_descriptor_limit() -> int | None:
+    """Return how many commands fit in the descriptor limit, or None if any."""
+    left = _open_descriptors_left()
+    if left is None:
+        return None
+    return max(1, (left - _DESCRIPTORS_KEPT) // _DESCRIPTORS_PER_COMMAND)
+
+
 class SubprocessBackend(Backend):
     """Runs each attempt as a command rendered from a `CommandTemplate`.
 
@@ -440,6 +470,19 @@ class SubprocessBackend(Backend):
 
     async def start(self) -> None:
         self._open_devnull()
+        slots = _slots_within_descriptor_limit()
+        if slots is not None and slots < self.concurrency:
+            logger.warning(
+                "running %d commands at once instead of %d: each takes up to %d "
+                "file descriptors while it starts, and this process may open %s "
+                "more; raise the limit (ulimit -n) for more",
+                slots,
+                self.concurrency,
+                _DESCRIPTORS_PER_COMMAND,
+                _open_descriptors_left(),
+            )
+            self.concurrency = slots
+            self._free_slots = list(range(1, slots + 1))
 
     async def execute(self, call: Call) -> CommandResult:
         if call.cancel_error is not None:

@@ -1331,7 +1331,12 @@ def _execute(
         report_debugging(debugger, journal)
     if item_status is not None and code in (EXIT_OK, EXIT_FAILED):
         code = item_status.exit_status(code)
-    if mode == "resume" and report is not None and report.total == report.carried:
+    if (
+        mode == "resume"
+        and report is not None
+        and report.total == report.carried
+        and report.halted is None
+    ):
         code = EXIT_OK  # The run had already finished: nothing was left to do.
     sys.exit(code)
 
@@ -1687,6 +1692,11 @@ def _finish(
         hint = f"; finish it with: batchtools resume {journal.path}" if journal else ""
         click.echo(f"Standard output was closed, so the run stopped{hint}", file=err)
         return EXIT_OUTPUT_CLOSED
+    if report.halted is not None and report.ok:
+        # Nothing failed, but items may not have run (a deadline passed).
+        hint = f"; finish it with: batchtools resume {journal.path}" if journal else ""
+        click.echo(f"The run stopped early{hint}", file=err)
+        return EXIT_FAILED
     if report.ok:
         return EXIT_OK
     if report.counts["failed"] and journal is not None and not quiet:

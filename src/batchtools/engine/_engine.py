@@ -585,6 +585,11 @@ class Engine:
             if self._stopping is not None and self.report.halted is None:
                 journal.event("interrupted", {"reason": self._redact(self._stopping)})
                 journal.set_state("interrupted")
+            elif self.report.halted is not None and not self._feed.finished:
+                # Items were never read: the run is not finished, and
+                # `resume` runs them.
+                journal.event("halted", {"reason": self._redact(self.report.halted)})
+                journal.set_state("interrupted")
             else:
                 journal.set_state("finished")
             await journal.aflush()

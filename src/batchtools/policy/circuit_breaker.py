@@ -59,6 +59,8 @@ _SPEC = re.compile(
 # again: a share of the reset timeout, within these bounds.
 _PROBE_RECHECK_MIN = 0.05
 _PROBE_RECHECK_MAX = 1.0
+# The largest window: it keeps one entry per call, for every key.
+MAX_WINDOW = 1_000_000
 # Tolerance when comparing the failure share with the threshold.
 _EPSILON = 1e-9
 
@@ -142,6 +144,11 @@ class CircuitBreaker:
                 raise ConfigurationError(
                     f"CircuitBreaker {name}={value!r} must be an integer of at least 1"
                 )
+        if self.window > MAX_WINDOW:
+            raise ConfigurationError(
+                f"CircuitBreaker window={self.window} is too large: the window keeps "
+                f"one entry per call, so give at most {MAX_WINDOW:,} calls"
+            )
         if self.min_calls > self.window:
             raise ConfigurationError(
                 f"CircuitBreaker min_calls={self.min_calls} must not exceed "
