@@ -1007,3 +1007,18 @@ def test_random_kills_leave_whole_versions(
             for name in files.names:
                 atomic_write(files.root / name, version_text(name, version))
         files.assert_clean()
+
+
+def test_write_many_refuses_links_out_of_the_named_folder(tmp_path: Path) -> None:
+    site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    site.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "b.txt").write_bytes(b"old")
+    (site / "b.txt").symlink_to(elsewhere / "b.txt")
+
+    with pytest.raises(ConfigurationError, match="give the resolved paths"):
+        atomic_write_many({site / "a.txt": b"new", site / "b.txt": b"new"})
+
+    assert (elsewhere / "b.txt").read_bytes() == b"old"
+    assert not (site / "a.txt").exists()
+    assert not (tmp_path / ".batchtools-writes").exists()

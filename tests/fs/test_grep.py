@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -628,3 +629,24 @@ def test_worker_skips_files_after_stop(tmp_path: Path) -> None:
     assert before == [(TEXT, 1, [(1, b"hit")], 4, "")]
     assert after == [(NOT_READ, 0, [], 0, "")]
     assert status == 0
+
+
+@pytest.mark.parametrize(
+    ("pattern", "advice"),
+    [
+        (r"\<foo", r"write \b"),
+        (r"\d+", "[0-9]"),
+        (r"[\d]", "move it out"),
+        (r"o+?", "drop the ?"),
+        (r"x{2}?", "drop the ?"),
+        (r"a\tb", "character itself"),
+        (r"\Afoo", "^ or $"),
+    ],
+)
+def test_patterns_read_differently_by_gnu_grep_are_refused(
+    tmp_path: Path, pattern: str, advice: str
+) -> None:
+    (tmp_path / "a.txt").write_text("foo 12\n")
+
+    with pytest.raises(ConfigurationError, match=re.escape(advice)):
+        list(grep(pattern, tmp_path))

@@ -452,6 +452,27 @@ def test_existing_wide_mode_is_tightened(
     assert "changed it to 0600" in caplog.text
 
 
+def test_other_file_is_refused_and_left_alone(tmp_path: Path) -> None:
+    other = tmp_path / "passwd"
+    other.write_text("root:x:0:0:root:/root:/bin/sh\n")
+    other.chmod(0o644)
+
+    with pytest.raises(ConfigurationError, match="some other file"):
+        AuditLog(other)
+
+    assert other.read_text() == "root:x:0:0:root:/root:/bin/sh\n"
+    assert stat.S_IMODE(other.stat().st_mode) == 0o644
+
+
+def test_hard_linked_log_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_text("")
+    os.link(path, tmp_path / "second-name")
+
+    with pytest.raises(ConfigurationError, match="hard links"):
+        AuditLog(path)
+
+
 @pytest.mark.parametrize("target_exists", [True, False])
 def test_symlink_path_rejected(tmp_path: Path, target_exists: bool) -> None:
     target = tmp_path / "elsewhere"

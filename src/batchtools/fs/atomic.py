@@ -219,6 +219,7 @@ def atomic_write_many(
         return
 
     folder = os.path.commonpath([os.path.dirname(target) for target in targets])
+    _check_records_folder(folder, list(files))
     try:
         writes = writes_folder(folder, create=True)
     except OSError as error:
@@ -271,6 +272,32 @@ def recover_writes(folder: StrPath, *, timeout: float | None = None) -> WriteRec
     with holding_lock(writes, timeout):
         completed, rolled_back = recover_records(root, writes)
     return WriteRecovery(completed, rolled_back, removed)
+
+
+def _check_records_folder(folder: str, given: list[Any]) -> None:
+    """Refuse a records folder that `recover_writes` would not be pointed at.
+
+    The records live in the folder that holds every resolved target. When a
+    symbolic link takes a target out of the folder the caller named, or the
+    targets share only the root, a recovery of the caller's folder would not
+    find them.
+    """
+    named = os.path.commonpath(
+        [os.path.dirname(os.path.abspath(os.fspath(path))) for path in given]
+    )
+    if folder == os.path.dirname(folder):
+        raise ConfigurationError(
+            f"the files given to atomic_write_many share no folder but {folder}, "
+            "where the records of the write would be kept; write files of one "
+            "folder tree together"
+        )
+    if os.path.realpath(named) != folder:
+        raise ConfigurationError(
+            f"the files given to atomic_write_many lie under {named}, but through "
+            f"symbolic links they resolve to files under {folder}, where the "
+            "records of the write would be kept and recover_writes on "
+            f"{named} would not find them; give the resolved paths"
+        )
 
 
 def _collect(files: Mapping[_PathT, bytes | str]) -> tuple[list[str], list[bytes]]:

@@ -897,6 +897,12 @@ def _compile(pattern: bytes, flags: int) -> None:
             "Python's re does not support; write the characters out instead, "
             "such as [a-zA-Z] for [[:alpha:]] or \\s for [[:space:]]"
         )
+    difference = _gnu_difference(pattern)
+    if difference is not None:
+        raise ConfigurationError(
+            f"the pattern {shown!r} {difference} (grep() matches like "
+            "LC_ALL=C grep -E)"
+        )
     try:
         re.compile(pattern, flags | re.MULTILINE)
     except re.error as error:
@@ -906,6 +912,82 @@ def _compile(pattern: bytes, flags: int) -> None:
             f"{error.msg}{where}; see the syntax of Python's re module, and "
             "escape a literal ( [ { . * + ? | \\ with a backslash"
         ) from None
+
+
+# Escapes that Python's re and GNU grep -E both accept but read differently.
+_ESCAPE_DIFFERENCES = {
+    **dict.fromkeys(
+        b"<>",
+        "uses \\< or \\>, the start or end of a word in GNU grep, "
+        "which Python's re reads as a plain < or >; write \\b instead",
+    ),
+    **dict.fromkeys(
+        b"dD",
+        "uses \\d or \\D, a digit class in Python's re but a plain d "
+        "in GNU grep; write [0-9] or [^0-9] instead",
+    ),
+    **dict.fromkeys(
+        b"tnrfvax",
+        "uses an escape such as \\t or \\x41, a control or "
+        "numbered character in Python's re but a plain letter in GNU grep; "
+        "write the character itself instead",
+    ),
+    **dict.fromkeys(
+        b"`'AZz",
+        "uses an anchor such as \\A or \\`, which the two read "
+        "differently; write ^ or $ instead",
+    ),
+}
+
+
+def _gnu_difference(pattern: bytes) -> str | None:
+    """Return how Python's re and GNU grep -E differ on ``pattern``, or None."""
+    index, end = 0, len(pattern)
+    while index < end:
+        char = pattern[index]
+        if char == ord("\\"):
+            escaped = pattern[index + 1] if index + 1 < end else None
+            if escaped is not None and escaped in _ESCAPE_DIFFERENCES:
+                return _ESCAPE_DIFFERENCES[escaped]
+            index += 2
+            continue
+        if char == ord("["):
+            index = _skip_bracket(pattern, index)
+            if index < 0:
+                return (
+                    "has a backslash inside [...], which GNU grep reads as a "
+                    "backslash and Python's re as the start of an escape; move "
+                    "it out, such as (\\w|-) for [\\w-]"
+                )
+            continue
+        if char in b"*+?}" and pattern[index + 1 : index + 2] == b"?":
+            return (
+                "has a lazy quantifier such as +?, which GNU grep reads as an "
+                "optional repeat; drop the ? after the quantifier"
+            )
+        index += 1
+    return None
+
+
+def _skip_bracket(pattern: bytes, start: int) -> int:
+    """Return the index after the bracket expression at ``start``, or -1.
+
+    -1 means the expression holds a backslash. An unclosed bracket returns
+    the end, for re.compile to report.
+    """
+    index = start + 1
+    if pattern[index : index + 1] == b"^":
+        index += 1
+    if pattern[index : index + 1] == b"]":
+        index += 1  # A ] right after the opening bracket is itself.
+    while index < len(pattern):
+        char = pattern[index]
+        if char == ord("\\"):
+            return -1
+        if char == ord("]"):
+            return index + 1
+        index += 1
+    return len(pattern)
 
 
 def _mode(output: str) -> int:

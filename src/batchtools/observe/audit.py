@@ -61,6 +61,7 @@ log = logging.getLogger("batchtools.audit")
 # Read access too, to check that the file ends with a newline before appending.
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_MODE = 0o600
+_RECORD_START = b'{"event": '
 # Longer error messages are cut, so that one record stays a readable line.
 _MESSAGE_LIMIT = 8192
 # Seconds a write waits for another process's lock on the file; the records
@@ -471,6 +472,8 @@ def _check_log_file(path: Path) -> None:
         raise ConfigurationError(
             f"audit log {shown!r} is not a regular file; give the path of a file"
         )
+    if found is not None:
+        _check_existing_log(path, found)
     try:
         descriptor = _open_log(path)
     except OSError as error:
@@ -481,6 +484,35 @@ def _check_log_file(path: Path) -> None:
             f"{error.strerror or error}"
         ) from None
     os.close(descriptor)
+
+
+def _check_existing_log(path: Path, found: os.stat_result) -> None:
+    """Refuse an existing file that is not an audit log, before it is changed.
+
+    An audit log is appended to and may have its mode tightened, so a
+    mistyped path must not reach another file: one with more names, or one
+    whose first line is not an audit record, is refused.
+    """
+    shown = str(path)
+    if found.st_nlink > 1:
+        raise ConfigurationError(
+            f"audit log {shown!r} has {found.st_nlink} names (hard links), so "
+            "records and a mode change would reach them all; give a new path"
+        )
+    if found.st_size == 0:
+        return
+    try:
+        with open(path, "rb") as file:
+            first = file.read(len(_RECORD_START))
+    except OSError:
+        first = b""
+    # Records start with their event; the first may be cut short by a kill.
+    if first != _RECORD_START:
+        raise ConfigurationError(
+            f"audit log {shown!r} already exists and does not start with an "
+            "audit record, so it is some other file; give a new path, or the "
+            "path of an earlier audit log"
+        )
 
 
 def _symlink_message(shown: str) -> str:
