@@ -444,7 +444,15 @@ def _seconds_or_none(value: Duration, name: str) -> float | None:
         return None
     if isinstance(value, int | float) and not isinstance(value, bool) and value == 0:
         return 0.0
-    return parse_duration(value, name=name)
+    if isinstance(value, str) and value.strip() in ("0", "0s", "0ms"):
+        return 0.0
+    seconds = parse_duration(value, name=name)
+    if seconds > threading.TIMEOUT_MAX:
+        raise ConfigurationError(
+            f"{name}={value!r} is longer than this system can wait "
+            f"({threading.TIMEOUT_MAX:.3g} s); give None to wait without limit"
+        )
+    return seconds
 
 
 def _remaining_or_forever(deadline: float | None) -> float:
