@@ -900,8 +900,7 @@ def _compile(pattern: bytes, flags: int) -> None:
     difference = _gnu_difference(pattern)
     if difference is not None:
         raise ConfigurationError(
-            f"the pattern {shown!r} {difference} (grep() matches like "
-            "LC_ALL=C grep -E)"
+            f"the pattern {shown!r} {difference} (grep() matches like LC_ALL=C grep -E)"
         )
     try:
         re.compile(pattern, flags | re.MULTILINE)
