@@ -1247,6 +1247,10 @@ def _execute(
     items = _check_first_item(items, plan)
     if options.priority is not None and journal_rows is None:
         items = _by_priority(items, options)
+    # From the journal's creation until the engine's handlers are in place,
+    # a stop signal waits, so that it ends the run like any other: exit 130
+    # and the resume hint, not click's "Aborted!".
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNAL_EXIT)
     journal = _open_journal(job, mode, journal_path, flags)
     progress = None
     periodic = None
@@ -1307,6 +1311,7 @@ def _execute(
 
     async def go() -> Report:
         with signal_handlers(engine, received):
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             return await engine.run()
 
     try:
@@ -1314,6 +1319,7 @@ def _execute(
     except RunAbortedError as error:
         aborted = error
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if progress is not None:
             progress.stop()
         if periodic is not None:

@@ -45,6 +45,8 @@ from batchtools.secrets._store import SecretStore
 
 BACKENDS = ("async", "thread", "process", "subprocess", "dask")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Seconds that attempts in flight get to finish after the first stop signal.
+GRACE = 10.0
 # Each unit of concurrency costs a coroutine and, for threads and
 # processes, an operating system resource; far beyond this is a typo.
 MAX_CONCURRENCY = 100_000
@@ -563,12 +565,13 @@ def build_engine(
 
 @contextlib.contextmanager
 def signal_handlers(
-    engine: Engine, received: list[int] | None = None
+    engine: Engine, received: list[int] | None = None, *, grace: float = GRACE
 ) -> Iterator[None]:
     """Stop ``engine`` on SIGINT, SIGTERM and SIGHUP while the block runs.
 
-    The first signal stops admission and lets attempts in flight finish;
-    the second cancels them. SIGTSTP (Ctrl-Z) stops the run's processes with
+    The first signal stops admission and lets attempts in flight finish
+    within ``grace`` seconds, after which they are cancelled; the second
+    signal cancels them at once. SIGTSTP (Ctrl-Z) stops the run's processes with
     this one, and their timeouts do not run while they are stopped.
     Installed only on the main thread, where the event loop can receive
     signals.
@@ -579,13 +582,21 @@ def signal_handlers(
     loop = asyncio.get_running_loop()
     seen = received if received is not None else []
 
+    timer: asyncio.TimerHandle | None = None
+
     def handle(number: int) -> None:
+        nonlocal timer
         seen.append(number)
         name = signal.Signals(number).name
         if len(seen) > 1:
             engine.terminate(f"received {name}")
-        else:
-            engine.stop(f"received {name}")
+            return
+        engine.stop(f"received {name}")
+        reason = (
+            f"received {name}, and attempts still ran after the grace period "
+            f"of {grace:g} s"
+        )
+        timer = loop.call_later(grace, lambda: engine.stop(reason, cancel=True))
 
     for number in STOP_SIGNALS:
         loop.add_signal_handler(number, handle, number)
@@ -593,6 +604,8 @@ def signal_handlers(
     try:
         yield
     finally:
+        if timer is not None:
+            timer.cancel()
         for number in (*STOP_SIGNALS, signal.SIGTSTP):
             loop.remove_signal_handler(number)
 

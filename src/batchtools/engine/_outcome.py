@@ -86,7 +86,10 @@ class Outcome:
         state: One of the final states.
         value: The task's value, for a succeeded item.
         error: The last attempt's error, for a failed item.
-        attempts: Every attempt, oldest first.
+        attempts: Every attempt, oldest first. A run that does not collect
+            outcomes (`stream`, the CLI) leaves out the record of a first
+            attempt that succeeded, to save its cost per item, unless an
+            observer sets ``wants_attempts``.
         reason: Why the item was skipped or cancelled.
         source: ``"run"``; ``"journal"`` for an item finished in an
             earlier session of the same run; ``"cache"`` for a value taken

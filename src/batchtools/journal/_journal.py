@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import queue
+import resource
 import sqlite3
 import stat
 import threading
@@ -206,11 +207,27 @@ def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def _io_error_hint() -> str:
+    """Return the advice for SQLite's 'disk I/O error', naming a file size limit."""
+    limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if limit != resource.RLIM_INFINITY:
+        return (
+            f"; this process may write files of at most {limit:,} bytes (File too "
+            "large: ulimit -f), so raise that limit, then run 'batchtools "
+            "resume' on it"
+        )
+    return (
+        "; check the disk's free space and health, then run 'batchtools resume' on it"
+    )
+
+
 def _translate(path: Path, error: sqlite3.Error, doing: str) -> JournalError:
     text = str(error)
     hint = ""
     if "full" in text.lower():
         hint = "; free disk space, then run 'batchtools resume' on it"
+    elif "disk i/o error" in text.lower():
+        hint = _io_error_hint()
     elif "not a database" in text or "malformed" in text:
         hint = (
             "; the file is damaged or not a journal, and its items cannot be "
@@ -794,7 +811,9 @@ class Journal:
         conn: sqlite3.Connection,
         flushes: list[Callable[[], None]],
     ) -> None:
-        log.error("%s", error)
+        # The run ends with this error, which its caller reports; a log line
+        # at ERROR would show it twice.
+        log.debug("%s", error)
         self.error = error
         try:
             conn.rollback()
