@@ -224,19 +224,11 @@ class _MemorySampler:
 @pytest.mark.timeout(RUN_LIMIT + 60)
 @pytest.mark.parametrize(
     "journaled",
+    # With a journal, a million items take minutes: the subset runs only
+    # test_journal_memory_flat_over_group_sizes for the journal's memory.
     [
         pytest.param(False, id="no-journal"),
-        pytest.param(
-            True,
-            id="journal",
-            marks=[
-                pytest.mark.skipif(
-                    not CAMPAIGN.full,
-                    reason="a million items take minutes; the subset runs "
-                    "test_journal_memory_flat_over_group_sizes instead",
-                ),
-            ],
-        ),
+        *([pytest.param(True, id="journal")] if CAMPAIGN.full else []),
     ],
 )
 @pytest.mark.parametrize(

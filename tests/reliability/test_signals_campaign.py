@@ -313,9 +313,6 @@ def test_sigint_right_after_journal_created(
         assert f"batchtools resume {journal}" in message
 
 
-@pytest.mark.skipif(
-    not CAMPAIGN.full, reason="waits 20 s; part of the whole campaign only"
-)
 def test_first_signal_drains_within_grace_period(
     tmp_path: Path, scenario: ScenarioRecord
 ) -> None:
