@@ -217,3 +217,40 @@ def test_help_lists_report_and_show(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert b"  report " in result.stdout
     assert b"  show " in result.stdout
+
+
+def test_undecodable_items_of_python_tasks_are_journaled(tmp_path: Path) -> None:
+    journal = tmp_path / "run.db"
+    items: list[str | bytes] = [b"bad-\xff\xfe", b"ok-\xff", "plain"]
+
+    result = run_cli(
+        [
+            "run",
+            "-q",
+            "--journal",
+            journal,
+            "--call",
+            "tests.cli.call_tasks:primary",
+            ":::",
+            *items,
+        ],
+        tmp_path,
+    )
+    report = run_cli(["report", journal], tmp_path)
+
+    assert result.returncode == 1, result.stderr.decode(errors="replace")
+    assert count_in_state(journal, "succeeded") == 2
+    assert count_in_state(journal, "failed") == 1
+    assert report.returncode == 0, report.stderr.decode(errors="replace")
+    assert b"Traceback" not in report.stderr
+
+
+def test_html_page_never_replaces_a_journal(tmp_path: Path) -> None:
+    journal = _run(tmp_path, "ok", "bad")
+    before = journal.read_bytes()
+
+    result = run_cli(["report", journal, "--html", journal], tmp_path)
+
+    assert result.returncode == 2
+    assert len(error_lines(result.stderr)) == 1
+    assert journal.read_bytes() == before

@@ -1367,6 +1367,24 @@ def _watchers(flags: dict[str, Any]) -> list[Observer]:
     return [slow, MemoryGrowth()]
 
 
+def refuse_database(path: str | os.PathLike[str], option: str) -> None:
+    """Exit 2 if ``path`` is an SQLite file, such as a journal, that would be replaced.
+
+    Raises:
+        UsageError: The file starts with SQLite's header.
+    """
+    try:
+        with open(path, "rb") as file:
+            header = file.read(16)
+    except OSError:
+        return  # a new file, or one that writing reports on
+    if header == b"SQLite format 3\0":
+        raise UsageError(
+            f"{option} {os.fspath(path)!r} is an SQLite file, such as a journal, "
+            "which writing would replace; give another path"
+        )
+
+
 def _start_metrics() -> Metrics | None:
     """Start the file writer and the server of --metrics-file and --metrics-port.
 
@@ -1387,6 +1405,8 @@ def _start_metrics() -> Metrics | None:
     metrics_log = logging.getLogger("batchtools.metrics")
     if metrics_log.getEffectiveLevel() > logging.INFO:
         metrics_log.setLevel(logging.INFO)
+    if path is not None:
+        refuse_database(path, "--metrics-file")
     metrics = Metrics()
     try:
         if path is not None:

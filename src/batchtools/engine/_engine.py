@@ -224,7 +224,7 @@ def store_json(value: Any) -> str | None:
     if value is None:
         return "null"
     try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        text = _storable(json.dumps(value, ensure_ascii=False, allow_nan=False))
     except (TypeError, ValueError):
         return None
     return text if len(text) <= VALUE_LIMIT else None
@@ -249,7 +249,20 @@ def error_json(error: BaseException, redactor: Redactor | None = None) -> str:
         record["timeout"] = error.timeout
     if redactor:
         record = redactor.redact_data(record)
-    return json.dumps(record, ensure_ascii=False)
+    return _storable(json.dumps(record, ensure_ascii=False))
+
+
+def _storable(text: str) -> str:
+    """Return JSON ``text`` in a form SQLite can store as UTF-8.
+
+    Text from undecodable bytes (an item's invalid UTF-8, kept as lone
+    surrogates) cannot be encoded; JSON's escapes carry it instead.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(json.loads(text), ensure_ascii=True, allow_nan=False)
+    return text
 
 
 def error_from_json(text: str | None) -> BaseException | None:

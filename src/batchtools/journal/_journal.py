@@ -803,6 +803,18 @@ class Journal:
             except sqlite3.Error as error:
                 self._fail(_translate(self.path, error, "writing"), conn, flushes)
                 return
+            except Exception as error:
+                # A bug here would otherwise leave the run waiting for a
+                # commit forever; it ends the run like a failed write.
+                log.exception("journal %s: writing failed", self.path)
+                failure = JournalError(
+                    str(self.path),
+                    f"writing failed: {type(error).__name__}: {error}; this is a "
+                    "bug in batchtools, please report it. What was committed is "
+                    "kept, so run 'batchtools resume' on it",
+                )
+                self._fail(failure, conn, flushes)
+                return
         conn.close()
 
     def _fail(
