@@ -182,6 +182,8 @@ def test_cluster_options_rejected_when_contradictory() -> None:
         DaskCluster(local_cluster=0)
     with pytest.raises(ConfigurationError, match="is invalid"):
         DaskCluster(scheduler="tcp://127.0.0.1:8786 extra")
+    with pytest.raises(ConfigurationError, match="schemes: tcp"):
+        DaskCluster(scheduler="garbage://127.0.0.1:8786")
     with pytest.raises(ConfigurationError, match="async backend"):
         batchtools.run([1], dask_tasks.double_async, backend="dask")
 

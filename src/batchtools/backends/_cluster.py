@@ -16,6 +16,10 @@ INSTALL_HINT = "pip install 'pybatchtools[dask]'"
 """The command that installs the packages the dask backend needs."""
 
 
+# The address schemes of Dask's communication layer.
+SCHEDULER_SCHEMES = ("tcp", "tls", "inproc", "ucx", "ws", "wss")
+
+
 @dataclass(frozen=True, slots=True)
 class DaskCluster:
     """Where the dask backend runs: a running Dask cluster, or one started for the run.
@@ -55,10 +59,16 @@ class DaskCluster:
             )
         if isinstance(self.scheduler, str):
             address = self.scheduler.strip()
-            if not address or any(character.isspace() for character in address):
+            scheme, separator, _ = address.partition("://")
+            if (
+                not address
+                or any(character.isspace() for character in address)
+                or (separator and scheme not in SCHEDULER_SCHEMES)
+            ):
                 raise ConfigurationError(
                     f"scheduler address {self.scheduler!r} is invalid; give one "
-                    "such as tcp://10.0.0.5:8786"
+                    "such as tcp://10.0.0.5:8786 (schemes: "
+                    f"{', '.join(SCHEDULER_SCHEMES)})"
                 )
         elif self.scheduler is not None and not isinstance(
             getattr(self.scheduler, "scheduler_address", None), str

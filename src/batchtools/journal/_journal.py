@@ -298,8 +298,9 @@ def _check_identity(path: Path, conn: sqlite3.Connection) -> None:
 def _migrate(path: Path, conn: sqlite3.Connection) -> None:
     """Bring the journal's schema to the current version, inside the open transaction.
 
-    A journal written by an earlier version gains the columns added since;
-    its rows keep null there.
+    A journal written by an earlier version gains the columns added since.
+    Its rows get the durations that earlier readers computed, and null in
+    the other new columns.
     """
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version >= sql.SCHEMA_VERSION:

@@ -98,6 +98,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE items ADD COLUMN worker TEXT",
         "ALTER TABLE attempts ADD COLUMN slot INTEGER",
         "ALTER TABLE attempts ADD COLUMN worker TEXT",
+        # What readers of version 1 show as the duration, so that items of
+        # earlier sessions keep their place in reports after the upgrade.
+        "UPDATE items SET duration = ended - started "
+        "WHERE ended IS NOT NULL AND started IS NOT NULL",
     ),
 }
 
