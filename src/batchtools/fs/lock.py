@@ -473,14 +473,13 @@ def _reject_running_loop() -> None:
     )
 
 
-_start_times: dict[int, float] = {}
-
-
 def _start_time(pid: int) -> float:
-    """Return when process ``pid`` started, as psutil reports it, cached."""
-    started = _start_times.get(pid)
-    if started is None:
-        started = _start_times[pid] = psutil.Process(pid).create_time()
+    """Return when process ``pid`` started, as psutil reports it.
+
+    Not cached: a forked child may get the pid of a process that an entry
+    inherited from its parent describes.
+    """
+    started: float = psutil.Process(pid).create_time()
     return started
 
 
