@@ -474,13 +474,22 @@ def _reject_running_loop() -> None:
 
 
 def _start_time(pid: int) -> float:
-    """Return when process ``pid`` started, as psutil reports it.
+    """Return when process ``pid`` started, in a form stable for its lifetime.
 
-    Not cached: a forked child may get the pid of a process that an entry
-    inherited from its parent describes.
+    On Linux this is the start time in clock ticks since boot from
+    ``/proc/PID/stat``. psutil's wall-clock time adds the boot time, which
+    the kernel derives from the current clock and which can move by a
+    second between two readings on a busy virtual machine.
     """
-    started: float = psutil.Process(pid).create_time()
-    return started
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat_line = file.read()
+    except OSError:
+        started: float = psutil.Process(pid).create_time()
+        return started
+    # The command name in parentheses may hold spaces; fields follow it.
+    fields = stat_line[stat_line.rindex(b")") + 2 :].split()
+    return float(fields[19])
 
 
 def _is_running(pid: int, started: float) -> bool:
@@ -492,9 +501,9 @@ def _is_running(pid: int, started: float) -> bool:
         if process.status() == psutil.STATUS_ZOMBIE:
             return False  # it has exited, so the kernel dropped its locks
         return math.isclose(
-            process.create_time(), started, rel_tol=0, abs_tol=_START_TIME_TOLERANCE
+            _start_time(pid), started, rel_tol=0, abs_tol=_START_TIME_TOLERANCE
         )
-    except psutil.NoSuchProcess:
+    except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
         return False
     except psutil.AccessDenied:
         return True  # it exists; the start time is all that could not be read
