@@ -129,7 +129,7 @@ def _wait_until(condition: Callable[[], bool], what: str) -> None:
 def test_second_run_waits_for_a_shared_results_folder(tmp_path: Path) -> None:
     results = tmp_path / "results"
     first_log, second_log = tmp_path / "first.err", tmp_path / "second.err"
-    # The first run's command says it started, then waits for the gate.
+    # The first run's command marks that it started, then waits for the gate.
     gated = "echo first; : > started; while [ ! -e gate ]; do sleep 0.02; done"
     first_arguments: list[str | Path] = ["run", "--no-journal", "--results", results]
     first_arguments += ["sh", "-c", gated, "sh", ":::", "same"]

@@ -22,7 +22,7 @@ SCHEDULER_SCHEMES = ("tcp", "tls", "inproc", "ucx", "ws", "wss")
 
 @dataclass(frozen=True, slots=True)
 class DaskCluster:
-    """Where the dask backend runs: a running Dask cluster, or one started for the run.
+    """The cluster the dask backend runs on: a running one, or one started for the run.
 
     Pass it as ``backend=`` to `batchtools.run` and its siblings. The
     string ``backend="dask"`` is the same as ``DaskCluster()``: the scheduler

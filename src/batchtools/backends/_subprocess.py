@@ -375,7 +375,7 @@ class _Command:
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
-# Descriptors one command holds while it is spawned: its stdout and stderr
+# Descriptors that one command uses while it is spawned: its stdout and stderr
 # pipes, the error pipe of the spawn and a pidfd. Kept for the run itself:
 # the journal and its WAL, logs, and the event loop's own.
 _DESCRIPTORS_PER_COMMAND = 6

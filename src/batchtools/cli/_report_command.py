@@ -64,10 +64,10 @@ def report_command(
     try:
         report = read_report(path, top=top)
         if html_path is not None:
-            from batchtools.cli.main import refuse_database
+            from batchtools.cli.main import reject_database
             from batchtools.observe.html_report import write_html
 
-            refuse_database(html_path, "--html")
+            reject_database(html_path, "--html")
 
             write_html(path, html_path, top=top)
     except JournalError as error:

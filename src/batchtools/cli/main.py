@@ -1367,7 +1367,7 @@ def _watchers(flags: dict[str, Any]) -> list[Observer]:
     return [slow, MemoryGrowth()]
 
 
-def refuse_database(path: str | os.PathLike[str], option: str) -> None:
+def reject_database(path: str | os.PathLike[str], option: str) -> None:
     """Exit 2 if ``path`` is an SQLite file, such as a journal, that would be replaced.
 
     Raises:
@@ -1406,7 +1406,7 @@ def _start_metrics() -> Metrics | None:
     if metrics_log.getEffectiveLevel() > logging.INFO:
         metrics_log.setLevel(logging.INFO)
     if path is not None:
-        refuse_database(path, "--metrics-file")
+        reject_database(path, "--metrics-file")
     metrics = Metrics()
     try:
         if path is not None:

@@ -275,9 +275,9 @@ def recover_writes(folder: StrPath, *, timeout: float | None = None) -> WriteRec
 
 
 def _check_records_folder(folder: str, given: list[Any]) -> None:
-    """Refuse a records folder that `recover_writes` would not be pointed at.
+    """Reject a records folder that `recover_writes` on the named folder misses.
 
-    The records live in the folder that holds every resolved target. When a
+    The records live in the folder that contains every resolved target. When a
     symbolic link takes a target out of the folder the caller named, or the
     targets share only the root, a recovery of the caller's folder would not
     find them.

@@ -971,7 +971,7 @@ def _gnu_difference(pattern: bytes) -> str | None:
 def _skip_bracket(pattern: bytes, start: int) -> int:
     """Return the index after the bracket expression at ``start``, or -1.
 
-    -1 means the expression holds a backslash. An unclosed bracket returns
+    -1 means the expression contains a backslash. An unclosed bracket returns
     the end, for re.compile to report.
     """
     index = start + 1

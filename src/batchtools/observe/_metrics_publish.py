@@ -21,7 +21,7 @@ from batchtools.fs.atomic import atomic_write
 
 log = logging.getLogger("batchtools.metrics")
 
-# How long, in seconds, closing the HTTP server may wait for its thread.
+# Seconds that closing the HTTP server may wait for its thread.
 _SERVER_POLL = 0.1
 _CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -280,7 +280,7 @@ class MemoryGrowth(_Periodic):
         interval: Seconds between readings.
         window: Readings the line is fitted to, at least 3.
         per_minute: Growth in bytes a minute that is worth a warning.
-        min_fit: The least coefficient of determination, from 0 to 1.
+        min_fit: The minimum coefficient of determination, from 0 to 1.
         repeat_after: Seconds after a warning before the next one.
         sampler: Returns the resident memory in bytes.
         clock: Returns the time in seconds.

@@ -312,7 +312,7 @@ class ResultCache:
         self.misses = 0
         self.stored = 0
         self.unstorable = 0
-        # Set by a run with secrets: a value whose text holds one stays in
+        # Set by a run with secrets: a value whose text contains one stays in
         # memory and never reaches the file.
         self.holds_secret: Callable[[str], bool] | None = None
 
