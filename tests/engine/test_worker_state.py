@@ -275,7 +275,11 @@ def test_process_workers_recycled() -> None:
     per_pid = collections.Counter(report.values())
     assert max(per_pid.values()) <= 3
     assert len(per_pid) >= 14
-    assert report.workers_recycled >= 13
+    # Each worker sent its third item is replaced; the last worker of each
+    # of the two slots may end the run with fewer items and is not.
+    full = sum(1 for count in per_pid.values() if count == 3)
+    assert report.workers_recycled == full
+    assert full >= 12
     assert report.workers_lost == 0
 
 
