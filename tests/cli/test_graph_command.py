@@ -172,7 +172,23 @@ def test_invalid_value_exits_2(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert result.stderr.strip() == (
         "Error: job file 'job.toml': invalid value -1 for tasks.a.retries: "
-        "Value error, must be 0 or more"
+        "must be 0 or more"
+    )
+    assert ledger(tmp_path) == []
+
+
+def test_nul_in_journal_path_exits_2(tmp_path: Path) -> None:
+    command = record("a")
+    (tmp_path / "job.toml").write_text(
+        f'[run]\njournal = "j\\u0000.db"\n[tasks.a]\ncommand = {command}\n'
+    )
+
+    result = invoke(tmp_path, "job.toml")
+
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "Error: job file 'job.toml': invalid value 'j\\x00.db' for run.journal: "
+        "a path cannot contain a NUL character"
     )
     assert ledger(tmp_path) == []
 

@@ -60,6 +60,18 @@ def test_bad_transaction_table_exits_2_before_anything_runs(tmp_path: Path) -> N
     assert not (tmp_path / "moves.db").exists()
 
 
+def test_nul_in_journal_path_exits_2(tmp_path: Path) -> None:
+    job = _job(tmp_path)
+    job.write_text(job.read_text().replace('"moves.db"', '"moves\\u0000.db"'))
+
+    result = run_cli(["run", "-f", job], tmp_path)
+
+    assert result.returncode == 2
+    (line,) = error_lines(result.stderr)
+    assert "transaction.journal: a path cannot contain a NUL character" in line
+    assert (tmp_path / "a").exists()
+
+
 def test_unknown_step_exits_2(tmp_path: Path) -> None:
     job = _job(tmp_path)
     job.write_text(

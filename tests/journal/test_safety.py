@@ -33,6 +33,13 @@ def test_symlink_journal_rejected(tmp_path: Path) -> None:
         batchtools.run([1], double, backend="thread", journal=link)
 
 
+def test_nul_in_journal_path_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "a\0b.db"
+
+    with pytest.raises(JournalError, match="cannot contain a NUL character"):
+        batchtools.run([1], double, backend="thread", journal=path)
+
+
 def test_dangling_symlink_journal_rejected(tmp_path: Path) -> None:
     target = tmp_path / "elsewhere.db"
     link = tmp_path / "link.db"

@@ -49,6 +49,7 @@ from batchtools.cli._jobfile import (
     Duration,
     InputTable,
     Jobs,
+    PathText,
     Retries,
     _Strict,
     read_toml,
@@ -81,7 +82,7 @@ class GraphRunTable(_Strict):
     """The optional ``[run]`` table of a graph job file."""
 
     jobs: Count = None
-    journal: str | None = None
+    journal: PathText = None
 
 
 class GraphTaskTable(_Strict):

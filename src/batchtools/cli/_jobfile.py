@@ -85,6 +85,7 @@ Duration = Annotated[
     _checked(lambda value: parse_duration(value, name="duration")),
 ]
 PathText = Annotated[str | None, _checked(_no_nul)]
+RequiredPathText = Annotated[str, _checked(_no_nul)]
 Size = Annotated[
     str | int | None, _checked(lambda value: parse_size(value, name="size"))
 ]
@@ -148,9 +149,11 @@ def schema_error(
         )
     if first["type"] == "missing":
         return ConfigurationError(f"job file {path!r}: {where!r} is missing; add it")
+    # A check of ours raised ValueError, to which pydantic adds a prefix.
+    message = first["msg"].removeprefix("Value error, ")
     return ConfigurationError(
         f"job file {path!r}: invalid value {first.get('input')!r} for {where}: "
-        f"{first['msg']}"
+        f"{message}"
     )
 
 

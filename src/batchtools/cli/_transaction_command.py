@@ -30,7 +30,14 @@ import click
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from batchtools._exceptions import ConfigurationError, JournalError
-from batchtools.cli._jobfile import Count, Duration, Retries, read_toml, schema_error
+from batchtools.cli._jobfile import (
+    Count,
+    Duration,
+    RequiredPathText,
+    Retries,
+    read_toml,
+    schema_error,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNUSABLE = 0, 1, 2, 3
 
@@ -49,7 +56,7 @@ class TransactionTable(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    journal: str
+    journal: RequiredPathText
     roll_forward: bool = False
     retries: Retries = None
     jobs: Count = None

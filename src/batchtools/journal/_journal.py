@@ -127,9 +127,14 @@ def check_path(path: Path) -> None:
     """Reject journal paths that cannot be used safely.
 
     Raises:
-        JournalError: The path is a symlink, or on a network filesystem,
-            where SQLite's WAL mode cannot share memory between processes.
+        JournalError: The path holds a NUL character, is a symlink, or is
+            on a network filesystem, where SQLite's WAL mode cannot share
+            memory between processes.
     """
+    if "\0" in str(path):
+        raise JournalError(
+            repr(str(path)), "a path cannot contain a NUL character; remove it"
+        )
     try:
         info = path.lstat()
     except FileNotFoundError:
