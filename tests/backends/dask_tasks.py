@@ -77,6 +77,13 @@ def record_interval(x: int) -> list[float]:
     return [started, time.monotonic()]
 
 
+def own_times(x: int) -> list[float]:
+    """Sleep 20 ms; return the pid, thread, start and end (epoch seconds)."""
+    started = time.time()
+    time.sleep(0.02)
+    return [os.getpid(), threading.get_ident(), started, time.time()]
+
+
 def open_state(folder: str) -> str:
     """A setup function: create a file named after this process in ``folder``."""
     path = Path(folder) / f"setup-{os.getpid()}"

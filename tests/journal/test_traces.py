@@ -6,6 +6,7 @@ built with that schema's own statements, then opened, resumed and read.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sqlite3
@@ -368,3 +369,37 @@ def test_dask_attempts_record_worker_address(tmp_path: Path) -> None:
     assert len(workers) == 1
     (address,) = workers
     assert address.startswith("tcp://127.0.0.1:")
+
+
+CLOCK_SLACK = 0.001
+"""Seconds by which two clocks of one host may disagree over a short interval."""
+
+
+@pytest.mark.parametrize("backend", ["process", "dask"])
+def test_queued_attempts_start_when_a_worker_takes_them(
+    tmp_path: Path, backend: str
+) -> None:
+    # Attempts wait in the backend's queue ahead of each worker. Their trace
+    # must cover what the task itself saw, and the next attempt of the same
+    # worker must start after the previous one ended, not at hand-over.
+    journal = tmp_path / "run.db"
+    chosen = (
+        backend if backend == "process" else batchtools.DaskCluster(local_cluster=1)
+    )
+    report = batchtools.run(
+        range(12), dask_tasks.own_times, backend=chosen, concurrency=2, journal=journal
+    )
+    assert report.ok
+
+    rows = _rows(journal, "SELECT started, ended, duration, value FROM items")
+    by_worker: dict[tuple[int, int], list[tuple[float, float, float]]] = {}
+    for started, ended, duration, value in rows:
+        pid, thread, own_start, own_end = json.loads(value)
+        assert started == pytest.approx(ended - duration, abs=1e-6)
+        assert started <= own_start + CLOCK_SLACK
+        assert ended >= own_end - CLOCK_SLACK
+        by_worker.setdefault((pid, thread), []).append((own_start, own_end, started))
+    for attempts in by_worker.values():
+        attempts.sort()
+        for (_, previous_end, _), (_, _, started) in itertools.pairwise(attempts):
+            assert started >= previous_end - CLOCK_SLACK

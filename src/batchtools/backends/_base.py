@@ -186,9 +186,13 @@ class Call:
         handle: Backend-private state for the running attempt.
         owner: The engine's worker task that awaits this attempt.
         started: When the attempt began, in seconds since the epoch. The
-            engine sets the time it hands the attempt over. The thread
-            backend queues attempts ahead of its threads, so it replaces
-            that with the time a thread takes the attempt.
+            engine sets the time it hands the attempt over. A backend that
+            queues attempts ahead of its workers (threads, processes, Dask)
+            replaces that with the time a worker takes the attempt.
+        duration: The seconds the attempt executed, as measured where it
+            executed, or ``None`` where the engine measures it. Process and
+            Dask workers set it, so that the time results wait to be sent
+            back does not count.
         slot: The job slot that executes the attempt, from 1. The engine sets
             the number of its worker coroutine; a backend with workers of
             its own (threads, processes, commands) replaces it with theirs.
@@ -199,6 +203,7 @@ class Call:
     __slots__ = (
         "_context",
         "cancel_error",
+        "duration",
         "handle",
         "owner",
         "payload",
@@ -221,6 +226,7 @@ class Call:
         self.handle: Any = None
         self.owner: asyncio.Task[Any] | None = None
         self.started = 0.0
+        self.duration: float | None = None
         self.slot = 0
         self.worker: str | None = None
 

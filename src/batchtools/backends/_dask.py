@@ -780,11 +780,13 @@ class DaskBackend(Backend):
         if kind == CHUNK_UNDECODABLE:
             self._undecodable(chunk, frames[0][2])
             return
-        for index, status, data in frames:
+        for index, status, data, began_at, took in frames:
             call = calls[index]
             if call.handle.done():
                 continue
             call.worker = address
+            call.started = began_at
+            call.duration = took
             if status == FRAME_OK:
                 try:
                     result: _Outcome = (True, pickle.loads(data))

@@ -41,7 +41,9 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 # The result of a chunk: (kind, elapsed seconds, items executed, frames).
 CHUNK_DONE = 0
 CHUNK_UNDECODABLE = 1
-# One frame per executed item: (index in the chunk, status, data).
+# One frame per executed item: (index in the chunk, status, data, when it
+# began in seconds since the epoch, seconds it took).
+Frame = tuple[int, int, bytes, float, float]
 FRAME_OK = 0
 FRAME_FAILED = 1  # data is an encoded exception
 FRAME_COMMAND_FAILED = 2  # data pickles (encoded exception, CommandResult)
@@ -200,9 +202,8 @@ def run_chunk(token: str, chunk_key: str, data: bytes) -> tuple[Any, ...]:
     """Execute one chunk of attempts on a worker: the function of every Dask task.
 
     Returns:
-        ``(kind, elapsed, executed, frames, address)``, with one frame
-        ``(index, status, data)`` per item executed and the address of the
-        worker that executed them.
+        ``(kind, elapsed, executed, frames, address)``, with one `Frame`
+        per item executed and the address of the worker that executed them.
 
     Raises:
         RuntimeError: The run's task is not loaded on this worker.
@@ -217,7 +218,8 @@ def run_chunk(token: str, chunk_key: str, data: bytes) -> tuple[Any, ...]:
     try:
         entries = pickle.loads(data)
     except BaseException as error:
-        return (CHUNK_UNDECODABLE, 0.0, 0, [(0, FRAME_FAILED, _encode_error(error))])
+        frame = (0, FRAME_FAILED, _encode_error(error), 0.0, 0.0)
+        return (CHUNK_UNDECODABLE, 0.0, 0, [frame])
     del data
     state = _ChunkState(token)
     with _registry_lock:
@@ -239,7 +241,7 @@ def _run_calls(
     function = loaded.function
     assert function is not None
     wants_context = loaded.wants_context
-    frames: list[tuple[int, int, bytes]] = []
+    frames: list[Frame] = []
     executed = 0
     clock = time.perf_counter
     started = clock()
@@ -251,17 +253,20 @@ def _run_calls(
             context.state = loaded.state
         if not state.begin(index, event):
             continue
+        began_at = time.time()
+        began = clock()
         try:
             if wants_context:
                 value = function(payload, context=context)
             else:
                 value = function(payload)
         except BaseException as error:
-            frames.append((index, FRAME_FAILED, _encode_error(error)))
+            status, data = FRAME_FAILED, _encode_error(error)
         else:
-            frames.append(_value_frame(index, value, loaded.name))
+            status, data = _value_data(value, loaded.name)
         finally:
             state.end()
+        frames.append((index, status, data, began_at, clock() - began))
         executed += 1
     return (CHUNK_DONE, clock() - started, executed, frames)
 
@@ -280,7 +285,7 @@ async def _run_commands(
     )
     await backend.start()
     loop = asyncio.get_running_loop()
-    frames: list[tuple[int, int, bytes]] = []
+    frames: list[Frame] = []
     executed = 0
     clock = time.perf_counter
     started = clock()
@@ -303,6 +308,8 @@ async def _run_commands(
                 if timeout is not None
                 else None
             )
+            began_at = time.time()
+            began = clock()
             try:
                 value = await backend.execute(call)
             except _StoppedByDriver:
@@ -310,16 +317,17 @@ async def _run_commands(
                 # closing and the driver sends the item elsewhere.
                 continue
             except CommandFailedError as error:
-                frames.append((index, FRAME_COMMAND_FAILED, _command_failure(error)))
+                status, data = FRAME_COMMAND_FAILED, _command_failure(error)
             except BaseException as error:
-                frames.append((index, FRAME_FAILED, _encode_error(error)))
+                status, data = FRAME_FAILED, _encode_error(error)
             else:
-                frames.append(_value_frame(index, value, loaded.name))
+                status, data = _value_data(value, loaded.name)
                 value.close()
             finally:
                 state.end()
                 if timer is not None:
                     timer.cancel()
+            frames.append((index, status, data, began_at, clock() - began))
             executed += 1
     finally:
         await backend.aclose(cancel=True)
@@ -386,16 +394,17 @@ def _command_failure(error: CommandFailedError) -> bytes:
     return data
 
 
-def _value_frame(index: int, value: Any, task_name: str) -> tuple[int, int, bytes]:
+def _value_data(value: Any, task_name: str) -> tuple[int, bytes]:
+    """Return the status and data of the frame of a returned ``value``."""
     try:
-        return (index, FRAME_OK, pickle.dumps(value, _PROTOCOL))
+        return (FRAME_OK, pickle.dumps(value, _PROTOCOL))
     except BaseException as error:
         failure = pickle.PicklingError(
             f"task {task_name} returned a {type(value).__qualname__} that cannot be "
             f"pickled to send it back from the Dask worker: {error}"
         )
         failure.__cause__ = error
-        return (index, FRAME_FAILED, _encode_error(failure))
+        return (FRAME_FAILED, _encode_error(failure))
 
 
 async def cancel_attempts(cancels: list[tuple[str, int]]) -> None:

@@ -142,8 +142,9 @@ _UNDECODABLE = ord("U")  # worker: kind, seq, then the encoded unpickling error
 _RESULTS = ord("D")  # worker: kind, seq, final, elapsed, executed, frames
 _CHUNK_HEADER = struct.Struct("<Bq")
 _RESULTS_HEADER = struct.Struct("<Bq?dI")
-# One result: status, index in the chunk, length of the pickled data.
-_FRAME = struct.Struct("<BII")
+# One result: status, index in the chunk, length of the pickled data, when
+# the item began (seconds since the epoch) and how long it took.
+_FRAME = struct.Struct("<BIIdd")
 _OK = 0
 _FAILED = 1
 # The journal starts with room for the results header, so that the worker
@@ -318,6 +319,7 @@ class _ChunkRunner:
         wants_context = self.wants_context
         state = self.state
         clock = time.perf_counter
+        wall = time.time
         pack_frame = _FRAME.pack_into
         frame_size = _FRAME.size
         limit = len(journal)
@@ -342,6 +344,8 @@ class _ChunkRunner:
                 continue
             header[_H_STATE] = 2 * index + 1
             release()
+            began_at = wall()
+            began = clock()
             try:
                 if wants_context:
                     context = item[1]
@@ -356,6 +360,7 @@ class _ChunkRunner:
                     status, data = _OK, pickle.dumps(value, _PROTOCOL)
                 except BaseException as error:
                     status, data = _FAILED, self._unpicklable_value(value, error)
+            took = clock() - began
             executed += 1
 
             size = frame_size + len(data)
@@ -365,10 +370,10 @@ class _ChunkRunner:
                     self._flush(seq, end, False, now - since, executed)
                     since, executed, end = now, 0, _FRAMES_START
                 if end + size > limit:
-                    self._send_alone(seq, status, index, data)
+                    self._send_alone(seq, status, index, data, began_at, took)
                     header[_H_STATE] = 2 * index
                     continue
-            pack_frame(journal, end, status, index, len(data))
+            pack_frame(journal, end, status, index, len(data), began_at, took)
             journal[end + frame_size : end + size] = data
             end += size
             header[_H_JOURNAL_END] = end
@@ -393,12 +398,21 @@ class _ChunkRunner:
         # this reset, the parent reads them twice and ignores the copies.
         self.block.header[_H_JOURNAL_END] = _FRAMES_START
 
-    def _send_alone(self, seq: int, status: int, index: int, data: bytes) -> None:
+    def _send_alone(
+        self,
+        seq: int,
+        status: int,
+        index: int,
+        data: bytes,
+        began_at: float,
+        took: float,
+    ) -> None:
         # NOTE: a result too large for the journal exists only in this message.
         # If the worker dies while sending it, the item fails with
         # WorkerLostError although the task returned.
         head = _RESULTS_HEADER.pack(_RESULTS, seq, False, 0.0, 0)
-        self.outbox.send_bytes(head + _FRAME.pack(status, index, len(data)) + data)
+        frame = _FRAME.pack(status, index, len(data), began_at, took)
+        self.outbox.send_bytes(head + frame + data)
 
     def _unpicklable_value(self, value: Any, error: BaseException) -> bytes:
         failure = pickle.PicklingError(
@@ -1350,10 +1364,13 @@ class ProcessBackend(Backend):
         loads = pickle.loads
         position = start
         while position < end:
-            status, index, length = unpack(view, position)
+            status, index, length, began_at, took = unpack(view, position)
             position += frame_size
-            future = calls[index].handle
+            call = calls[index]
+            future = call.handle
             if not future.done():
+                call.started = began_at
+                call.duration = took
                 data = view[position : position + length]
                 if status == _OK:
                     try:

@@ -979,8 +979,8 @@ class Engine:
             del self._active[call]
             duration = time.perf_counter() - began
             job.slot, job.worker = call.slot, call.worker
-            if call.started != started:
-                started, duration = _from_execution(call.started, started, duration)
+            if call.started != started or call.duration is not None:
+                started, duration = _from_execution(call, started, duration)
             if call.cancel_error is not None and self._direct is not None:
                 # A timeout or cancel of a coroutine called directly: the
                 # backend cancelled this worker task to interrupt it.
@@ -1006,8 +1006,8 @@ class Engine:
             del self._active[call]
             duration = time.perf_counter() - began
             job.slot, job.worker = call.slot, call.worker
-            if call.started != started:
-                started, duration = _from_execution(call.started, started, duration)
+            if call.started != started or call.duration is not None:
+                started, duration = _from_execution(call, started, duration)
             if limiter is not None:
                 self._release_slot(limiter, slot_began, error)
             self._failed(job, error, started, duration)
@@ -1015,8 +1015,8 @@ class Engine:
         del self._active[call]
         duration = time.perf_counter() - began
         job.slot, job.worker = call.slot, call.worker
-        if call.started != started:
-            started, duration = _from_execution(call.started, started, duration)
+        if call.started != started or call.duration is not None:
+            started, duration = _from_execution(call, started, duration)
         if limiter is not None:
             limiter.release(max(0.0, limiter.policy.clock() - slot_began))
             self._free_slots(limiter)
@@ -1347,6 +1347,8 @@ class Engine:
                 "succeeded",
                 attempts=job.attempt,
                 value=store(self._redacted_value(value)),
+                # The item began with its first attempt, as its worker saw it.
+                started=started if job.attempt == 1 else None,
                 ended=started + duration,
                 duration=duration,
                 slot=job.slot or None,
@@ -1568,6 +1570,7 @@ class Engine:
                 attempts=job.attempt,
                 lost_workers=job.lost_workers,
                 error=text,
+                started=started if job.attempt == 1 else None,
                 ended=started + duration,
                 duration=duration,
                 slot=slot,
@@ -1782,14 +1785,23 @@ def _describe(error: BaseException) -> str:
 
 
 def _from_execution(
-    executing: float, handed_over: float, duration: float
+    call: Call, handed_over: float, duration: float
 ) -> tuple[float, float]:
-    """Return an attempt's start and duration from when a worker began executing it.
+    """Return an attempt's start and duration from when a worker executed it.
 
     A backend that queues attempts ahead of its workers sets `Call.started`
-    when a worker takes one, so the wait in its queue does not count.
+    when a worker takes one, so the wait in its queue does not count, and
+    may set `Call.duration` as its worker measured it, so the wait for the
+    result to come back does not count either. A worker on another host has
+    a clock of its own, so its times are kept within the ``duration``
+    seconds the engine waited from ``handed_over``.
     """
-    return executing, max(0.0, duration - (executing - handed_over))
+    measured = call.duration
+    if measured is None:
+        return call.started, max(0.0, duration - (call.started - handed_over))
+    measured = min(max(measured, 0.0), duration)
+    latest = handed_over + duration - measured
+    return min(max(call.started, handed_over), latest), measured
 
 
 def _first_item(job: _Job) -> Any:

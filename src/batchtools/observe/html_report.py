@@ -409,9 +409,6 @@ def _timeline_section(
         body = '<p class="empty">No attempts are recorded.</p>'
         return _section("timeline", "Timeline of attempts", "", body)
     start = report.span[0]
-    # NOTE: on the process and Dask backends with attempts queued ahead, a
-    # bar starts at hand-over and includes the wait at its worker, so bars
-    # of one slot can overlap.
     slots = sorted({a.slot for a in timeline.attempts if a.slot is not None})
     rows = {slot: row for row, slot in enumerate(slots)}
     unknown_row = len(slots)
