@@ -12,11 +12,15 @@ from __future__ import annotations
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 
+import batchtools
+from batchtools import ConfigurationError
 from tests.cli.support import (
     cli_environment,
     count_in_state,
@@ -229,3 +233,62 @@ def test_stopped_time_does_not_count_against_timeouts(tmp_path: Path) -> None:
 
     assert process.returncode == 0, stderr.decode(errors="replace")
     assert b"timed out" not in stderr
+
+
+GRACE_SCRIPT = """
+import asyncio, sys
+import batchtools
+
+async def wait(item):
+    print("started", item, flush=True)
+    await asyncio.sleep(600)
+
+report = batchtools.run(
+    ["a", "b"], wait, concurrency=1, handle_signals=True, grace=sys.argv[1]
+)
+for outcome in report.outcomes:
+    print(outcome.key, outcome.state.value, outcome.reason, flush=True)
+"""
+
+
+def test_library_cancels_attempts_after_its_grace_period(tmp_path: Path) -> None:
+    script = tmp_path / "grace.py"
+    script.write_text(GRACE_SCRIPT)
+    output = tmp_path / "stdout"
+    with open(output, "wb") as stdout:
+        process = subprocess.Popen(
+            [sys.executable, script, "0.2s"],
+            cwd=tmp_path,
+            env=cli_environment(),
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait_until(
+                lambda: _contains(output, b"started a"),
+                "the first item to start",
+                process=process,
+            )
+            process.send_signal(signal.SIGINT)
+            _, errors = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    assert process.returncode == 0, errors.decode(errors="replace")
+    lines = output.read_text().splitlines()
+    assert lines[0] == "started a"
+    (outcome,) = lines[1:]
+    assert outcome.endswith(
+        " cancelled received SIGINT, and attempts still ran after the grace "
+        "period of 0.2 s"
+    )
+
+
+def test_library_rejects_invalid_grace_before_running() -> None:
+    ran: list[int] = []
+
+    with pytest.raises(ConfigurationError, match="invalid grace '0s'"):
+        batchtools.run([1], ran.append, handle_signals=True, grace="0s")
+    assert ran == []

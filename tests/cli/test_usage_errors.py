@@ -58,6 +58,12 @@ CASES: dict[str, tuple[Callable[[Path], list[Argument]], list[str] | None, str]]
     "missing input file": (_no_options, ["::::", "missing.txt"], "missing.txt"),
     "journal of another command": (_other_journal, [":::", "a"], "different run"),
     "invalid timeout": (lambda _: ["--timeout", "soon"], [":::", "a"], "soon"),
+    "zero grace": (lambda _: ["--grace", "0"], [":::", "a"], "--grace '0'"),
+    "job file grace": (
+        _bad_job_file('[run]\ngrace = "later"\n'),
+        [":::", "a"],
+        "run.grace",
+    ),
     "invalid halt": (lambda _: ["--halt", "later,fail=x"], [":::", "a"], "later"),
     "zero jobs": (lambda _: ["-j", "0"], [":::", "a"], "0"),
     "invalid colsep": (lambda _: ["--colsep", "("], [":::", "a"], "colsep"),

@@ -319,7 +319,7 @@ def test_first_signal_drains_within_grace_period(
     marker = f"batchtools-signal-grace-{uuid.uuid4().hex}"
     errors = tmp_path / "stderr"
     arguments: list[str | Path] = [
-        "run", "-v", "-j", "2", "--journal", tmp_path / "run.db",
+        "run", "-v", "-j", "2", "--grace", "1s", "--journal", tmp_path / "run.db",
         "sh", "-c", "sleep 30 & sleep 30 & wait", marker, ":::", "one", "two",
     ]  # fmt: skip
     scenario.tried = 1
@@ -345,8 +345,10 @@ def test_first_signal_drains_within_grace_period(
         except subprocess.TimeoutExpired:
             kill_tree(process.pid)
             raise AssertionError(
-                "the run still drained 20 s after SIGINT, although its commands "
-                "would run 10 s more"
+                "the run still drained 20 s after SIGINT, although its grace "
+                "period was 1 s"
             ) from None
     assert status == 130
     assert time.monotonic() - started < 20
+    assert "attempts still ran after the grace period of 1 s" in errors.read_text()
+    assert [p for p in marked_processes(marker) if p.pid != process.pid] == []

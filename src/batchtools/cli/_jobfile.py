@@ -171,6 +171,7 @@ class RunTable(_Strict):
     breaker_reset: Duration = None
     deadline: Duration = None
     item_deadline: Duration = None
+    grace: Duration = None
     results: PathText = None
     shell: bool | None = None
     max_args: Count = None

@@ -61,7 +61,13 @@ from batchtools.cli._progress_output import (
     progress_interval_option,
     start_progress_log,
 )
-from batchtools.engine._api import build_engine, open_journal, prepare, signal_handlers
+from batchtools.engine._api import (
+    GRACE,
+    build_engine,
+    open_journal,
+    prepare,
+    signal_handlers,
+)
 from batchtools.engine._engine import Observer
 from batchtools.engine._outcome import Report
 from batchtools.fs.lock import FileLock
@@ -132,6 +138,7 @@ class RunOptions:
     breaker_reset: str | None = None
     deadline: str | None = None
     item_deadline: str | None = None
+    grace: str | None = None
     results: str | None = None
     memfree: str | None = None
     mem_per_item: str | None = None
@@ -339,6 +346,13 @@ def _metrics_options(command: Callable[..., Any]) -> Callable[..., Any]:
     default=None,
     help="Give up on an item this long after its first attempt started, "
     "retries included.",
+)
+@click.option(
+    "--grace",
+    metavar="DURATION",
+    default=None,
+    help="After the first Ctrl-C, SIGTERM or SIGHUP, give running items this "
+    "long to finish before they are cancelled (default 10s).",
 )
 @click.option(
     "--breaker",
@@ -866,6 +880,7 @@ def _plan_run(
         item_deadline=_text(
             pick("item_deadline", run_table.item_deadline if run_table else None, None)
         ),
+        grace=_text(pick("grace", run_table.grace if run_table else None, None)),
         results=pick("results", run_table.results if run_table else None, None),
         memfree=_text(pick("memfree", run_table.memfree if run_table else None, None)),
         mem_per_item=_text(
@@ -1310,7 +1325,7 @@ def _execute(
     aborted: BaseException | None = None
 
     async def go() -> Report:
-        with signal_handlers(engine, received):
+        with signal_handlers(engine, received, grace=_grace_seconds(options)):
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             return await engine.run()
 
@@ -1449,6 +1464,15 @@ def _policies(options: RunOptions) -> list[object]:
     return policies
 
 
+def _grace_seconds(options: RunOptions) -> float:
+    """Return the seconds of ``--grace``, checked by `_prepare` already."""
+    from batchtools.policy._units import parse_duration
+
+    if options.grace is None:
+        return GRACE
+    return parse_duration(options.grace, name="--grace")
+
+
 def _retry_policy(options: RunOptions) -> Retry | int:
     if options.item_deadline is None:
         return options.retries
@@ -1463,6 +1487,7 @@ def _prepare(plan: Plan, *, open_cache: bool = True) -> Any:
     """
     options = plan.options
     try:
+        _grace_seconds(options)
         policies = _policies(options)
         if not open_cache:
             policies = [p for p in policies if not isinstance(p, Cache)]

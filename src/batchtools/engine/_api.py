@@ -633,8 +633,10 @@ async def arun(
     teardown: Callable[[Any], Any] | None = None,
     secrets: SecretStore | None = None,
     handle_signals: bool = False,
+    grace: float | str = GRACE,
 ) -> Report:
     """Apply ``task`` to every item and return the report; see `run`."""
+    grace_seconds = parse_duration(grace, name="grace")
     job = prepare(
         task,
         concurrency=concurrency,
@@ -659,7 +661,7 @@ async def arun(
     )
     if not handle_signals:
         return await engine.run()
-    with signal_handlers(engine):
+    with signal_handlers(engine, grace=grace_seconds):
         return await engine.run()
 
 
@@ -686,6 +688,7 @@ def run(
     teardown: Callable[[Any], Any] | None = None,
     secrets: SecretStore | None = None,
     handle_signals: bool = False,
+    grace: float | str = GRACE,
 ) -> Report:
     """Apply ``task`` to every item and return the report.
 
@@ -732,6 +735,10 @@ def run(
             the report's failure causes and captured output. Install
             `redact_logs` on log handlers to redact log lines too.
         handle_signals: Stop on SIGINT, SIGTERM and SIGHUP (main thread only).
+            The first signal stops new attempts, the second cancels those
+            running.
+        grace: Seconds (or ``"1m"``) that running attempts get to finish
+            after the first signal, before they are cancelled.
 
     Returns:
         The report, with every outcome in input order.
@@ -772,7 +779,9 @@ def run(
     if not in_a_loop:
         # Started outside the except block: every error the run raises would
         # otherwise carry this RuntimeError as its context.
-        return asyncio.run(arun(items, task, handle_signals=handle_signals, **kwargs))
+        return asyncio.run(
+            arun(items, task, handle_signals=handle_signals, grace=grace, **kwargs)
+        )
     return _run_on_helper_thread(lambda: arun(items, task, **kwargs))
 
 
