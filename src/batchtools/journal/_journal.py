@@ -127,7 +127,7 @@ def check_path(path: Path) -> None:
     """Reject journal paths that cannot be used safely.
 
     Raises:
-        JournalError: The path holds a NUL character, is a symlink, or is
+        JournalError: The path contains a NUL character, is a symlink, or is
             on a network filesystem, where SQLite's WAL mode cannot share
             memory between processes.
     """
