@@ -67,6 +67,16 @@ CASES: dict[str, tuple[Callable[[Path], list[Argument]], list[str] | None, str]]
     "invalid halt": (lambda _: ["--halt", "later,fail=x"], [":::", "a"], "later"),
     "zero jobs": (lambda _: ["-j", "0"], [":::", "a"], "0"),
     "invalid colsep": (lambda _: ["--colsep", "("], [":::", "a"], "colsep"),
+    "huge colsep count": (
+        lambda _: ["--colsep", "{" + "9" * 5000 + "}"],
+        [":::", "a"],
+        "repetition count too large",
+    ),
+    "deep colsep groups": (
+        lambda _: ["--colsep", "(" * 1000 + ")" * 1000],
+        [":::", "a"],
+        "nested too deeply",
+    ),
     "job file not toml": (_bad_job_file("[run\n"), [":::", "a"], "job.toml"),
     "job file wrong type": (
         _bad_job_file('[run]\njobs = "many"\n'),

@@ -562,6 +562,9 @@ def test_bytes_pattern_and_non_utf8_lines(tmp_path: Path) -> None:
         ("a(", r"the pattern 'a\(' is not a valid regular expression: missing \)"),
         ("[z-a]", r"the pattern '\[z-a\]' is not a valid regular expression"),
         ("[[:digit:]]+", r"uses the POSIX class \[:digit:\]"),
+        ("x{4294967296}", "has a repetition count too large"),
+        ("x{" + "9" * 5000 + "}", "has a repetition count too large"),
+        ("(" * 1000 + ")" * 1000, "groups nested too deeply"),
     ],
 )
 def test_invalid_pattern_rejected_before_reading(

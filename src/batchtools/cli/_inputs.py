@@ -114,6 +114,11 @@ class InputSpec:
                     f"--colsep {self.colsep!r} is not a valid regular expression: "
                     f"{error}"
                 ) from None
+            except (OverflowError, RecursionError, ValueError):
+                raise ConfigurationError(
+                    f"--colsep {self.colsep!r} has a repetition count too large or "
+                    "groups nested too deeply for Python's re; simplify it"
+                ) from None
         for source in self.sources:
             if source.kind == "file":
                 assert source.path is not None

@@ -911,6 +911,11 @@ def _compile(pattern: bytes, flags: int) -> None:
             f"{error.msg}{where}; see the syntax of Python's re module, and "
             "escape a literal ( [ { . * + ? | \\ with a backslash"
         ) from None
+    except (OverflowError, RecursionError, ValueError):
+        raise ConfigurationError(
+            f"the pattern {shown!r} has a repetition count too large or groups "
+            "nested too deeply for Python's re; simplify it"
+        ) from None
 
 
 # Escapes that Python's re and GNU grep -E both accept but read differently.
