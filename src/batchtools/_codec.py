@@ -6,8 +6,9 @@ same type always give the same text, and values of different types never
 do, so ``(1, 2)`` and ``[1, 2]``, or ``{1: x}`` and ``{"1": x}``, get
 different keys. The text decodes back to an equal value, which is how the
 journal stores items: bytes (including invalid UTF-8), tabs and newlines
-round-trip exactly. Types outside the table are pickled (tag ``x``); the
-journal that stores them is private to the user.
+round-trip exactly. An integer too long for decimal text (over 4,300
+digits) is written in hexadecimal (tag ``I``). Types outside the table are
+pickled (tag ``x``); the journal that stores them is private to the user.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def encode(value: Any) -> str:
     if kind is str:
         return f'["s",{_dump_string(value)}]'
     if kind is int:
-        return f'["i","{value}"]'
+        try:
+            return f'["i","{value}"]'
+        except ValueError:
+            return _dumps(_tag(value))
     return _dumps(_tag(value))
 
 
@@ -72,7 +76,11 @@ def _tag(value: Any) -> list[Any]:
     if kind is bool or value is None:
         return ["n", value]
     if kind is int:
-        return ["i", str(value)]
+        try:
+            return ["i", str(value)]
+        except ValueError:
+            # Past 4,300 digits str() refuses; hexadecimal has no such limit.
+            return ["I", hex(value)]
     if kind is float:
         return ["f", value.hex() if math.isfinite(value) else repr(value)]
     if kind is tuple:
@@ -108,6 +116,8 @@ def _untag(node: Any) -> Any:
         return payload
     if tag == "i":
         return int(payload)
+    if tag == "I":
+        return int(payload, 16)
     if tag == "f":
         return float.fromhex(payload) if "x" in payload else float(payload)
     if tag == "t":

@@ -126,6 +126,27 @@ def test_tricky_items_round_trip(tmp_path: Path) -> None:
     assert len({row.key for row in rows}) == len(TRICKY_ITEMS)
 
 
+def bit_length(item: Any) -> int:
+    """Return how many bits an integer item has, or its first member has."""
+    first = item[0] if isinstance(item, list) else item
+    return int(first.bit_length())
+
+
+def test_integers_too_long_for_decimal_text_round_trip(tmp_path: Path) -> None:
+    # str() refuses integers over 4,300 digits, so they are stored another way.
+    items: list[Any] = [10**5000, [-(10**5000), 10**4299], 10**5000 + 1]
+    journal = tmp_path / "run.db"
+
+    report = batchtools.run(items, bit_length, backend="thread", journal=journal)
+
+    assert report.counts["succeeded"] == 3
+    rows = list(iter_items(journal))
+    for row, original in zip(rows, items, strict=True):
+        assert_same_value_and_types(row.item, original)
+    assert len({row.key for row in rows}) == 3
+    assert batchtools.run(items, bit_length, journal=journal).carried == 3
+
+
 def test_keys_differ_by_type() -> None:
     pairs = [((1, 2), [1, 2]), ({1: "x"}, {"1": "x"}), (1, "1"), (b"a", "a")]
     for left, right in pairs:
