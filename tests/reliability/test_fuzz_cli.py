@@ -43,6 +43,7 @@ _JOB_FILES = st.binary(max_size=200) | st.sampled_from(
         b"[run]\nmemfree = '1" + b"0" * 400 + b"'\n[task]\ncommand = ['echo']\n",
         b"[task]\ncommand = ['echo', '{" + b"9" * 5000 + b"}']\n",
         b"[run]\npriority = '{}'\npriority_aging = inf\n[task]\ncommand = ['e']\n",
+        b"[run]\ntimeout = " + b"9" * 5000 + b"\n[task]\ncommand = ['e']\n",
     ]
 )
 _OPTION_VALUES = st.tuples(
@@ -50,7 +51,9 @@ _OPTION_VALUES = st.tuples(
                      "--jobs", "--colsep", "--deadline", "--max-memory"]),
     st.text(st.characters(codec="utf-8", exclude_characters="\0"),
             max_size=12)
-    | st.sampled_from(["1" * 400, "1e400", "{" + "9" * 5000 + "}", "(", "-1"]),
+    | st.sampled_from(["1" * 400, "1e400", "{" + "9" * 5000 + "}", "(", "-1",
+                       "9" * 5000, "auto:1-" + "9" * 5000, "50%/" + "9" * 5000,
+                       "now,fail=" + "9" * 5000, "(" * 1000 + ")" * 1000]),
 )  # fmt: skip
 
 

@@ -31,7 +31,10 @@ from batchtools.backends._command import CommandTemplate
 from batchtools.cli._inputs import InputSpec, Source, split_command
 from batchtools.cli._jobfile import InputTable, RunTable, TaskTable, load_job_file
 from batchtools.cli.main import main
+from batchtools.engine._halt import Halt
 from batchtools.policy._units import parse_duration, parse_size
+from batchtools.policy.circuit_breaker import CircuitBreaker
+from batchtools.policy.concurrency import Concurrency
 from tests.reliability.campaign import CAMPAIGN, ScenarioRecord
 
 DEADLINE = timedelta(seconds=5)
@@ -507,6 +510,7 @@ FOUND_JOB_FILES = {
     "NUL in results": b'[run]\nresults = "\\u0000"\n[task]\ncommand = ["e"]\n',
     "NUL in journal": b'[run]\njournal = "a\\u0000"\n[task]\ncommand = ["e"]\n',
     "NUL in files": b'[input]\nfiles = ["\\u0000"]\n[task]\ncommand = ["e"]\n',
+    "huge integer": b"[run]\njobs = " + b"9" * 5000 + b"\n[task]\ncommand = ['e']\n",
 }
 """Job files that once crashed the CLI with a traceback."""
 
@@ -530,3 +534,32 @@ def test_job_files_found_by_fuzzing_exit_2(
     assert result.exit_code == 2, result.output
     assert result.output.startswith("Error: "), result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+HUGE = "9" * 5000
+"""More digits than int() converts by default (4,300)."""
+
+
+@pytest.mark.parametrize(
+    "parse",
+    [
+        lambda: Concurrency.parse(HUGE, name="--jobs"),
+        lambda: Concurrency.parse(f"auto:1-{HUGE}", name="--jobs"),
+        lambda: Concurrency.parse(f"auto:{HUGE}-2", name="--jobs"),
+        lambda: CircuitBreaker.parse(HUGE),
+        lambda: CircuitBreaker.parse(f"50%/{HUGE}"),
+        lambda: Halt.parse(f"now,fail={HUGE}"),
+        lambda: Halt.parse(f"soon,fail={HUGE}%"),
+    ],
+    ids=["jobs", "auto max", "auto min", "breaker", "breaker window", "halt", "share"],
+)
+def test_numbers_beyond_int_conversion_are_errors(
+    scenario: ScenarioRecord, parse: Callable[[], object]
+) -> None:
+    scenario.tried = 1
+    with pytest.raises(ConfigurationError, match=r"number 9{12}\.\.\. is too large"):
+        parse()
+
+
+def test_leading_zeros_do_not_count_as_digits() -> None:
+    assert Concurrency.parse("0" * 5000 + "4", name="--jobs") == Concurrency.fixed(4)

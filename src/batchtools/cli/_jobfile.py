@@ -120,6 +120,11 @@ def read_toml(path: str) -> dict[str, Any]:
             f"job file {path!r} nests arrays or inline tables too deeply to read; "
             "flatten it"
         ) from None
+    except ValueError:
+        # tomllib converts integers with int(), which refuses over 4,300 digits.
+        raise ConfigurationError(
+            f"job file {path!r} contains an integer too long to read; shorten it"
+        ) from None
 
 
 def schema_error(

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from batchtools._exceptions import ConfigurationError
+from batchtools.policy._units import whole_number
 
 _SPEC = re.compile(r"(now|soon),fail=(\d+)(%?)")
 _MIN_FOR_SHARE = 10
@@ -41,7 +42,7 @@ class Halt:
                 "such as 'now,fail=1'"
             )
         cancel = match[1] == "now"
-        number = int(match[2])
+        number = whole_number(match[2], name="halt condition", text=text)
         if match[3]:
             if not 0 < number <= 100:
                 raise ConfigurationError(

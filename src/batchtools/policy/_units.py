@@ -15,6 +15,23 @@ _DURATION = re.compile(rf"\s*{_NUMBER}\s*(ms|s|m|h|d)?\s*", re.ASCII)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(rf"\s*{_NUMBER}\s*([KMGT]?)(i?B?)\s*", re.ASCII | re.I)
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+# More digits than this exceed every limit; int() fails past 4,300 of them.
+_MAX_DIGITS = 100
+
+
+def whole_number(digits: str, *, name: str, text: object) -> int:
+    """Return the decimal ``digits`` found in ``text`` as an int.
+
+    Raises:
+        ConfigurationError: The number has more than 100 digits, which is
+            beyond every count or limit this package takes.
+    """
+    significant = digits.lstrip("0")
+    if len(significant) > _MAX_DIGITS:
+        raise ConfigurationError(
+            f"invalid {name} {text!r}: the number {digits[:12]}... is too large"
+        )
+    return int(significant or "0")
 
 
 def parse_duration(value: str | float | timedelta, *, name: str = "duration") -> float:

@@ -31,7 +31,7 @@ from typing import Any, ParamSpec, TypeVar
 import cachetools
 
 from batchtools._exceptions import CircuitOpenError, ConfigurationError
-from batchtools.policy._units import parse_duration
+from batchtools.policy._units import parse_duration, whole_number
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -196,16 +196,17 @@ class CircuitBreaker:
             )
         if match["in_a_row"]:
             # All of the last N calls failed is the same rule as N in a row.
-            in_a_row = max(int(match["in_a_row"]), 1)
+            count = whole_number(match["in_a_row"], name="circuit breaker", text=text)
+            in_a_row = max(count, 1)
             return cls(
                 failure_rate=1.0,
                 window=in_a_row,
                 min_calls=in_a_row,
-                consecutive_failures=int(match["in_a_row"]),
+                consecutive_failures=count,
                 reset_timeout=timeout,
                 fail_fast=fail_fast,
             )
-        window = int(match["window"])
+        window = whole_number(match["window"], name="circuit breaker", text=text)
         return cls(
             failure_rate=float(match["percent"]) / 100,
             window=window,

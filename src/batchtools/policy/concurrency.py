@@ -31,6 +31,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from batchtools._exceptions import ConfigurationError
 from batchtools.policy._adaptive import Controller
+from batchtools.policy._units import whole_number
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -175,9 +176,10 @@ class Concurrency:
                 "'auto:MIN-MAX' such as 'auto:4-64'"
             )
         if match["fixed"]:
-            lowest = highest = int(match["fixed"])
+            lowest = highest = whole_number(match["fixed"], name=name, text=text)
         elif match["min"]:
-            lowest, highest = int(match["min"]), int(match["max"])
+            lowest = whole_number(match["min"], name=name, text=text)
+            highest = whole_number(match["max"], name=name, text=text)
         else:
             lowest, highest = 1, auto_max
         if lowest < 1:
