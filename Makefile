@@ -49,9 +49,12 @@ test-slow: $(STAMP) system-packages
 
 # The whole reliability campaign (up to an hour); `make test` runs a
 # bounded subset of each of its scenarios.
+# The soak measures this process's memory, so it runs in a process of its own.
 test-reliability: $(STAMP) system-packages
-	BATCHTOOLS_CAMPAIGN=full $(BIN)/pytest tests/reliability --timeout 3600
-	$(BIN)/python tests/reliability/summarize.py
+	BATCHTOOLS_CAMPAIGN=full $(BIN)/pytest tests/reliability/test_soak.py --timeout 3600
+	BATCHTOOLS_CAMPAIGN=full $(BIN)/pytest tests/reliability --timeout 3600 \
+	  --ignore tests/reliability/test_soak.py
+	$(BIN)/python tests/reliability/summarize.py --campaign full --group
 
 bench: $(STAMP) system-packages
 	$(BIN)/python bench/run_all.py

@@ -1,11 +1,14 @@
 """Turn the reliability campaign's JSON records into one Markdown table.
 
-Usage: ``python tests/reliability/summarize.py [--campaign full|subset] [FOLDER]``
+Usage: ``python tests/reliability/summarize.py [--campaign full|subset]
+[--group] [FOLDER]``
 
 Reads every ``*.json`` file that the scenarios wrote (by default under
 ``.batchtools-campaign/results/``) and prints a table with one row per
 scenario, sorted by name, then the notes of each scenario that has some.
 With ``--campaign``, only the records of that campaign size are shown.
+With ``--group``, the cases of one parametrized test share a row: their
+figures are summed, and the outcome counts the cases that passed.
 """
 
 from __future__ import annotations
@@ -47,6 +50,35 @@ def read_records(folder: Path) -> list[dict[str, Any]]:
     return sorted(records, key=lambda record: str(record.get("scenario", "")))
 
 
+_SUMMED = ("tried", "faults_injected", "items_lost", "duplicates", "duration")
+
+
+def group_cases(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return one record per test, summing the figures of its parametrized cases.
+
+    A group of several cases has the outcome ``N of M passed`` and no notes.
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for record in records:
+        name = str(record.get("scenario", "")).split("[", 1)[0]
+        groups.setdefault((name, str(record.get("campaign", ""))), []).append(record)
+    grouped = []
+    for (name, campaign), cases in sorted(groups.items()):
+        if len(cases) == 1:
+            grouped.append(cases[0])
+            continue
+        passed = sum(1 for case in cases if case.get("outcome") == "passed")
+        merged: dict[str, Any] = {
+            "scenario": f"{name} ({len(cases)} cases)",
+            "campaign": campaign,
+            "outcome": f"{passed} of {len(cases)} passed",
+        }
+        for key in _SUMMED:
+            merged[key] = sum(case.get(key, 0) for case in cases)
+        grouped.append(merged)
+    return grouped
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
@@ -82,6 +114,9 @@ def main(arguments: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", nargs="?", type=Path, default=DEFAULT_FOLDER)
     parser.add_argument("--campaign", choices=["full", "subset"], default=None)
+    parser.add_argument(
+        "--group", action="store_true", help="one row per parametrized test"
+    )
     options = parser.parse_args(arguments)
     folder: Path = options.folder
     if not folder.is_dir():
@@ -99,7 +134,7 @@ def main(arguments: Sequence[str]) -> int:
     if not records:
         print(f"summarize: no JSON records in {folder}", file=sys.stderr)
         return 2
-    sys.stdout.write(markdown_table(records))
+    sys.stdout.write(markdown_table(group_cases(records) if options.group else records))
     return 0
 
 

@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.campaign import ScenarioRecord
-from tests.reliability.summarize import main, markdown_table, read_records
+from tests.reliability.summarize import (
+    group_cases,
+    main,
+    markdown_table,
+    read_records,
+)
 
 
 def _write(folder: Path, scenario: str, campaign: str, **figures: object) -> None:
@@ -52,3 +57,16 @@ def test_record_file_name_is_safe(tmp_path: Path) -> None:
     assert path.parent == tmp_path
     assert path.name == "test_x-a-b-c.json"
     assert json.loads(path.read_text())["scenario"] == "test_x[a/b c]"
+
+
+def test_cases_of_one_test_share_a_row(tmp_path: Path) -> None:
+    _write(tmp_path, "test_a[one]", "full", tried=3, items_lost=1, outcome="passed")
+    _write(tmp_path, "test_a[two]", "full", tried=4, outcome="failed")
+    _write(tmp_path, "test_b", "full", tried=5, outcome="passed", notes={"x": 1})
+
+    rows = group_cases(read_records(tmp_path))
+
+    assert [row["scenario"] for row in rows] == ["test_a (2 cases)", "test_b"]
+    assert rows[0]["outcome"] == "1 of 2 passed"
+    assert (rows[0]["tried"], rows[0]["items_lost"]) == (7, 1)
+    assert rows[1]["notes"] == {"x": 1}
