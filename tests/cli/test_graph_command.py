@@ -162,34 +162,28 @@ command = {record("other")}
     assert "  after: needs broken, which failed" in result.stderr
 
 
-def test_invalid_value_exits_2(tmp_path: Path) -> None:
-    (tmp_path / "job.toml").write_text(
-        f"[tasks.a]\ncommand = {record('a')}\nretries = -1\n"
-    )
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            "[tasks.a]\ncommand = COMMAND\nretries = -1\n",
+            "invalid value -1 for tasks.a.retries: must be 0 or more",
+        ),
+        (
+            '[run]\njournal = "j\\u0000.db"\n[tasks.a]\ncommand = COMMAND\n',
+            "invalid value 'j\\x00.db' for run.journal: "
+            "a path cannot contain a NUL character",
+        ),
+    ],
+    ids=["negative retries", "NUL in journal"],
+)
+def test_invalid_value_exits_2(tmp_path: Path, table: str, message: str) -> None:
+    (tmp_path / "job.toml").write_text(table.replace("COMMAND", record("a")))
 
     result = invoke(tmp_path, "job.toml")
 
     assert result.exit_code == 2
-    assert result.stderr.strip() == (
-        "Error: job file 'job.toml': invalid value -1 for tasks.a.retries: "
-        "must be 0 or more"
-    )
-    assert ledger(tmp_path) == []
-
-
-def test_nul_in_journal_path_exits_2(tmp_path: Path) -> None:
-    command = record("a")
-    (tmp_path / "job.toml").write_text(
-        f'[run]\njournal = "j\\u0000.db"\n[tasks.a]\ncommand = {command}\n'
-    )
-
-    result = invoke(tmp_path, "job.toml")
-
-    assert result.exit_code == 2
-    assert result.stderr.strip() == (
-        "Error: job file 'job.toml': invalid value 'j\\x00.db' for run.journal: "
-        "a path cannot contain a NUL character"
-    )
+    assert result.stderr.strip() == f"Error: job file 'job.toml': {message}"
     assert ledger(tmp_path) == []
 
 
