@@ -30,6 +30,7 @@ from tests.cli.support import (
     processes_with_argument,
     run_cli,
     started_cli,
+    succeeded_without_results,
     wait_until,
 )
 
@@ -84,6 +85,7 @@ class _Campaign:
         folder.mkdir()
         self.folder = folder
         self.journal = folder / "run.db"
+        self.results = folder / "results"
         self.ledger = folder / "ledger"
         self.script = _ledger_script(self.ledger)
         self.input = folder / "items"
@@ -107,6 +109,8 @@ class _Campaign:
                 str(JOBS),
                 "--journal",
                 self.journal,
+                "--results",
+                self.results,
                 "sh",
                 "-c",
                 self.script,
@@ -163,6 +167,9 @@ class _Campaign:
         ran = {item for item, _ in _read_ledger(self.ledger)}
         unrun = succeeded - ran
         assert not unrun, f"recorded as succeeded without running: {sorted(unrun)[:5]}"
+        # Result files are written before the outcome is committed.
+        unkept = succeeded_without_results(self.journal, self.results)
+        assert not unkept, f"committed without their result files: {unkept[:5]}"
         self.snapshots.append(succeeded)
 
     def finish(self) -> None:
@@ -194,6 +201,7 @@ class _Campaign:
         assert succeeded == ITEMS
         states = items_by_state(self.journal)
         assert sorted(item.decode() for item in states) == self.items
+        assert succeeded_without_results(self.journal, self.results) == []
 
     def _check_ledger(self, final_session: int) -> None:
         calls = _read_ledger(self.ledger)

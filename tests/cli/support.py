@@ -253,6 +253,22 @@ def items_in_state(journal: Path, state: str) -> set[bytes]:
     return {item for item, found in items_by_state(journal).items() if found == state}
 
 
+def succeeded_without_results(journal: Path, results: Path) -> list[str]:
+    """Return the keys of succeeded items whose ``--results`` files are not whole.
+
+    ``exit_status`` is the last file written for an item, and its newline
+    ends it; a succeeded command's is ``0``.
+    """
+    missing = []
+    for row in iter_items(journal):
+        if row.state != "succeeded":
+            continue
+        status = results / f"{row.seq + 1:06d}-{row.key[:16]}" / "exit_status"
+        if not status.exists() or status.read_bytes() != b"0\n":
+            missing.append(row.key)
+    return missing
+
+
 def integrity_check(journal: Path) -> str:
     """Return the result of SQLite's ``PRAGMA integrity_check`` on ``journal``."""
     connection = connect_read_only(journal)

@@ -47,11 +47,14 @@ from tests.cli.support import (
     cli_environment,
     error_lines,
     kill_tree,
+    succeeded_without_results,
 )
 from tests.reliability.campaign import CAMPAIGN, Campaign, ScenarioRecord
 
 TMPFS_SIZE = f"{CAMPAIGN.size(1, 8)}m"
 """The tmpfs must fit the journal of every item once the filler is gone."""
+RESULTS_TMPFS_SIZE = f"{CAMPAIGN.size(4, 40)}m"
+"""Room for the three result files of every item, a page each."""
 EXIT_ABORTED = 3
 JOBS = 4
 FILL_BLOCK = 64 * 1024
@@ -90,6 +93,10 @@ class Disk(Protocol):
 
     def copy_journal(self, destination: Path) -> Path:
         """Copy the journal and its WAL to ``destination``; return the copy."""
+        ...
+
+    def outside(self) -> Path:
+        """Return the folder as this process reaches it."""
         ...
 
 
@@ -143,6 +150,9 @@ class FileSizeLimit:
     def copy_journal(self, destination: Path) -> Path:
         return _copy_journal(self.folder / "run.db", destination)
 
+    def outside(self) -> Path:
+        return self.folder
+
 
 @dataclass
 class Tmpfs:
@@ -153,9 +163,8 @@ class Tmpfs:
     name: str = "tmpfs"
     filler: list[Path] = field(default_factory=list)
 
-    @property
-    def _outside(self) -> Path:
-        """The tmpfs as this process reaches it: through the holder's root."""
+    def outside(self) -> Path:
+        """Return the tmpfs as this process reaches it: through the holder's root."""
         return Path(f"/proc/{self.holder.pid}/root") / self.folder.relative_to("/")
 
     def argv(self, arguments: Sequence[str | bytes]) -> list[str | bytes]:
@@ -168,7 +177,7 @@ class Tmpfs:
         return _popen(argv, cwd, preexec=False)
 
     def take_space(self, process: subprocess.Popen[bytes]) -> None:
-        path = self._outside / "filler"
+        path = self.outside() / "filler"
         self.filler.append(path)
         block = bytes(FILL_BLOCK)
         with contextlib.suppress(OSError), open(path, "wb", buffering=0) as stream:
@@ -188,19 +197,19 @@ class Tmpfs:
         self.filler.clear()
 
     def copy_journal(self, destination: Path) -> Path:
-        return _copy_journal(self._outside / "run.db", destination)
+        return _copy_journal(self.outside() / "run.db", destination)
 
 
 @contextlib.contextmanager
-def _tmpfs(folder: Path) -> Iterator[Tmpfs | None]:
-    """Mount a tmpfs on ``folder`` in a new mount namespace, if permitted."""
+def _tmpfs(folder: Path, size: str = TMPFS_SIZE) -> Iterator[Tmpfs | None]:
+    """Mount a tmpfs of ``size`` on ``folder`` in a mount namespace, if permitted."""
     folder.mkdir()
     if shutil.which("unshare") is None or shutil.which("nsenter") is None:
         yield None
         return
     namespaces = "-m" if os.geteuid() == 0 else "-Urm"
     mount = (
-        f'mount -t tmpfs -o size={TMPFS_SIZE} tmpfs "$1" && echo mounted && exec cat'
+        f'mount -t tmpfs -o size={size} tmpfs "$1" && echo mounted && exec cat'
     )
     holder = subprocess.Popen(
         ["unshare", namespaces, "sh", "-c", mount, "sh", str(folder)],
@@ -262,20 +271,33 @@ class Outcome:
     printed: set[str]
     committed: dict[str, set[str]]
     journal: Path
+    copy: Path
+    """The copy of the journal taken right after the failure."""
 
 
 def _run_out_of_space(
-    disk: Disk, tmp_path: Path, campaign: Campaign, scenario: ScenarioRecord
+    disk: Disk,
+    tmp_path: Path,
+    campaign: Campaign,
+    scenario: ScenarioRecord,
+    *,
+    results: bool = False,
 ) -> Outcome:
-    """Run the CLI, take the journal's space once items are committed, wait for it."""
+    """Run the CLI, take the disk's space once items are committed, wait for it.
+
+    The journal is on the disk, or with ``results`` the `--results` folder
+    is, and the journal stays on the test's own disk.
+    """
     count = campaign.size(200, 2000)
     fast = count // 4
     listing = tmp_path / "items"
     listing.write_text("".join(f"{number}\n" for number in range(1, count + 1)))
     gate = tmp_path / "gate"
-    journal = disk.folder / "run.db"
+    journal = (tmp_path if results else disk.folder) / "run.db"
     command = ["sh", "-c", SCRIPT, "sh", "{}", str(fast), str(gate)]
     arguments: list[Argument] = ["run", "-q", "-j", str(JOBS), "--journal", journal]
+    if results:
+        arguments += ["--results", disk.folder / "results"]
     arguments += command
     argv = disk.argv(cli_argv([*arguments, "::::", listing]))
     scenario.tried = count
@@ -299,13 +321,19 @@ def _run_out_of_space(
             kill_tree(process.pid)
             process.communicate()
     printed.update(line.decode().strip() for line in rest.splitlines())
-    copy = disk.copy_journal(tmp_path / "after-failure")
+    after = tmp_path / "after-failure"
+    copy = _copy_journal(journal, after) if results else disk.copy_journal(after)
     committed = _states(copy)
     lost = printed - committed.get("succeeded", set())
     scenario.items_lost = len(lost)
     scenario.notes["committed_before_failure"] = len(committed.get("succeeded", ()))
     return Outcome(
-        process.returncode, errors.decode(errors="replace"), printed, committed, journal
+        process.returncode,
+        errors.decode(errors="replace"),
+        printed,
+        committed,
+        journal,
+        copy,
     )
 
 
@@ -388,3 +416,36 @@ def test_journal_error_printed_once(
         line for line in outcome.stderr.splitlines() if "writing failed" in line
     ]
     assert len(mentions) == 1, outcome.stderr
+
+
+def test_full_results_disk_keeps_each_outcome_with_its_files(
+    tmp_path: Path, campaign: Campaign, scenario: ScenarioRecord
+) -> None:
+    # Result files are written before their outcome is committed, so no
+    # item is recorded as succeeded without them.
+    with _tmpfs(tmp_path / "tmpfs", RESULTS_TMPFS_SIZE) as tmpfs:
+        disk: Disk = tmpfs if tmpfs is not None else FileSizeLimit(tmp_path / "tmpfs")
+        outcome = _run_out_of_space(disk, tmp_path, campaign, scenario, results=True)
+        results = disk.outside() / "results"
+
+        assert outcome.status == EXIT_ABORTED, outcome.stderr
+        assert "Traceback" not in outcome.stderr
+        errors = error_lines(outcome.stderr.encode())
+        assert len(errors) == 1, outcome.stderr
+        assert outcome.stderr.count("writing the output") == 1, outcome.stderr
+        if tmpfs is not None:
+            assert f"cannot write {disk.folder / 'results'}/" in errors[0]
+            assert NO_SPACE.search(errors[0]), errors[0]
+        assert succeeded_without_results(outcome.copy, results) == []
+        assert outcome.printed <= outcome.committed.get("succeeded", set())
+
+        disk.give_space()
+        resumed = disk.start(
+            disk.argv(cli_argv(["resume", "-q", outcome.journal])), tmp_path
+        )
+        _, resume_errors = resumed.communicate(timeout=RUN_TIMEOUT)
+        assert resumed.returncode == 0, resume_errors.decode(errors="replace")
+        states = _states(outcome.journal)
+        assert set(states) == {"succeeded"}
+        assert len(states["succeeded"]) == scenario.tried
+        assert succeeded_without_results(outcome.journal, results) == []

@@ -73,7 +73,27 @@ class OutputWriter:
             except BrokenPipeError:
                 self._stdout_gone()
 
+    def keep(self, outcome: Outcome) -> None:
+        """Write ``outcome`` under the results folder, if there is one.
+
+        The engine calls this before the journal commits the outcome, so a
+        killed run never has a committed item without its files.
+
+        Raises:
+            OSError: A file could not be written; the error names it.
+        """
+        if self._results is None or outcome.source == "journal":
+            return
+        result = _result_of(outcome)
+        try:
+            self._keep(outcome, result)
+        except OSError:
+            if result is not None:
+                result.close()  # the output, which closes it, never comes
+            raise
+
     def on_outcome(self, outcome: Outcome) -> None:
+        """Print ``outcome``'s output, once the journal has committed it."""
         if outcome.source == "journal":
             # Finished in an earlier session, which printed its output and
             # kept its files. The journal has no output to write again.
@@ -89,8 +109,6 @@ class OutputWriter:
                         self._write_stdout(line)
                 else:
                     self._write_stdout(line)
-            if self._results is not None:
-                self._keep(outcome, result)
         finally:
             if result is not None:
                 result.close()
@@ -152,21 +170,29 @@ class OutputWriter:
     def _keep(self, outcome: Outcome, result: CommandResult | None) -> None:
         assert self._results is not None
         folder = self._results / f"{outcome.seq + 1:06d}-{outcome.key[:16]}"
-        folder.mkdir(parents=True, exist_ok=True)
+        target = folder
         # Each file is replaced whole, so a killed run or a second run over
         # the same folder never leaves a torn file. The run's lock on the
         # folder makes the second run wait. No syncs: a lost file after a
         # power loss costs less than a sync per file.
-        with atomic_writer(folder / "stdout", durable=False) as out:
-            if result is not None:
-                result.write_stdout_to(out)
-            elif outcome.value is not None:
-                out.write(self._value_line(outcome.value))
-        with atomic_writer(folder / "stderr", durable=False) as err:
-            if result is not None:
-                result.write_stderr_to(err)
-        status = self._redact(_status_text(outcome, result))
-        atomic_write(folder / "exit_status", status + "\n", durable=False)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / "stdout"
+            with atomic_writer(target, durable=False) as out:
+                if result is not None:
+                    result.write_stdout_to(out)
+                elif outcome.value is not None:
+                    out.write(self._value_line(outcome.value))
+            target = folder / "stderr"
+            with atomic_writer(target, durable=False) as err:
+                if result is not None:
+                    result.write_stderr_to(err)
+            target = folder / "exit_status"
+            status = self._redact(_status_text(outcome, result))
+            atomic_write(target, status + "\n", durable=False)
+        except OSError as error:
+            cause = error.strerror or str(error)
+            raise OSError(f"cannot write {target}: {cause}") from error
 
     def _redact(self, text: str) -> str:
         return text if self._redactor is None else self._redactor.redact(text)

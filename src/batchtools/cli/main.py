@@ -1319,7 +1319,7 @@ def _execute(
     # that -k gets input order and a journaled outcome is printed only once
     # it is committed.
     writer.on_start(engine)
-    engine.set_output(writer.on_outcome)
+    engine.set_output(writer.on_outcome, keep=writer.keep)
     received: list[int] = []
     report: Report | None = None
     aborted: BaseException | None = None

@@ -347,6 +347,7 @@ class Engine:
         self._timeout_counter = itertools.count()
         self._sweeper_wake: asyncio.Future[None] | None = None
         self._output: Callable[[Outcome], Any] | None = None
+        self._keep: Callable[[Outcome], Any] | None = None
         self._backlog: Callable[[], int] | None = None
         self._backlog_limit = 0
         self._waiting_commit: collections.deque[tuple[int, Outcome]] = (
@@ -390,6 +391,8 @@ class Engine:
         output: Callable[[Outcome], Any],
         backlog: Callable[[], int] | None = None,
         limit: int = 0,
+        *,
+        keep: Callable[[Outcome], Any] | None = None,
     ) -> None:
         """Send each outcome to ``output`` once it is final and committed.
 
@@ -398,8 +401,14 @@ class Engine:
             backlog: Returns how many outcomes the consumer has not taken.
             limit: Admission pauses while the backlog is at this size; the
                 consumer calls `output_taken` to let it go on.
+            keep: Receives each outcome as soon as it is final, before the
+                journal commits it, to store what must not be lost when the
+                process dies between the commit and ``output``. A resume
+                runs an uncommitted item again, so ``keep`` must replace
+                what an earlier call stored.
         """
         self._output = output
+        self._keep = keep
         self._backlog = backlog
         self._backlog_limit = limit
 
@@ -1217,6 +1226,8 @@ class Engine:
         outcome = Outcome(
             job.seq, job.key, job.item, State.SUCCEEDED, value, source="cache"
         )
+        if self._keep is not None and not self._kept(job.index, outcome):
+            return
         op = None
         if self.journal is not None:
             store = self.settings.store_value or store_json
@@ -1339,6 +1350,8 @@ class Engine:
             attempts=attempts or [],
             strategy=strategy,
         )
+        if self._keep is not None and not self._kept(job.index, outcome):
+            return
         op = None
         if self.journal is not None:
             store = self.settings.store_value or store_json
@@ -1551,6 +1564,8 @@ class Engine:
             error=error,
             attempts=job.attempts or [],
         )
+        if self._keep is not None and not self._kept(job.index, outcome):
+            return
         op = None
         if self.journal is not None:
             text = error_json(error, self._redactor)
@@ -1590,6 +1605,8 @@ class Engine:
                 attempts=job.attempts or [],
                 reason=reason,
             )
+            if self._keep is not None and not self._kept(member.index, outcome):
+                continue
             op = None
             if self.journal is not None:
                 # An interrupted item goes back to pending, so resume runs it;
@@ -1642,18 +1659,39 @@ class Engine:
         else:
             self._deliver(outcome)
 
+    def _kept(self, index: int, outcome: Outcome) -> bool:
+        """Store ``outcome`` through the keep hook; return whether that worked.
+
+        Called before the outcome goes to the journal. If storing failed,
+        the outcome is dropped and the run stops: the journal still has the
+        item as running, so a resume runs it again.
+        """
+        assert self._keep is not None
+        try:
+            self._keep(outcome)
+        except Exception as error:
+            self._output_failed(outcome, error)
+            if self.settings.ordered and self._output is not None:
+                self._reorder[index] = None  # let the later outcomes through
+                self._drain_reorder()
+            return False
+        return True
+
     def _deliver(self, outcome: Outcome) -> None:
         """Hand an outcome to the consumer; a consumer that fails ends the run."""
         assert self._output is not None
         try:
             self._output(outcome)
         except Exception as error:
-            reason = f"writing the output of item {outcome.key} failed: {error}"
-            if self._aborted is None:
-                log.error("%s", reason)
-                self._aborted = error
-                self._abort_message = reason
-            self.stop(reason, cancel=True)
+            self._output_failed(outcome, error)
+
+    def _output_failed(self, outcome: Outcome, error: Exception) -> None:
+        # The run's caller reports the failure, as RunAbortedError.
+        reason = f"writing the output of item {outcome.key} failed: {error}"
+        if self._aborted is None:
+            self._aborted = error
+            self._abort_message = reason
+        self.stop(reason, cancel=True)
 
     def _drain_reorder(self, *, final: bool = False) -> None:
         if not self.settings.ordered or self._output is None:
