@@ -208,9 +208,7 @@ def _tmpfs(folder: Path, size: str = TMPFS_SIZE) -> Iterator[Tmpfs | None]:
         yield None
         return
     namespaces = "-m" if os.geteuid() == 0 else "-Urm"
-    mount = (
-        f'mount -t tmpfs -o size={size} tmpfs "$1" && echo mounted && exec cat'
-    )
+    mount = f'mount -t tmpfs -o size={size} tmpfs "$1" && echo mounted && exec cat'
     holder = subprocess.Popen(
         ["unshare", namespaces, "sh", "-c", mount, "sh", str(folder)],
         stdin=subprocess.PIPE,
