@@ -58,12 +58,15 @@ class JournalError(BatchtoolsError):
 
     Attributes:
         path: The journal file.
+        resumable: Whether a resume can continue the run once the cause is
+            fixed; ``False`` for a damaged file.
     """
 
-    def __init__(self, path: str, message: str) -> None:
+    def __init__(self, path: str, message: str, *, resumable: bool = True) -> None:
         super().__init__(path, message)
         self.path = path
         self.message = message
+        self.resumable = resumable
 
     def __str__(self) -> str:
         return f"journal {self.path}: {self.message}"

@@ -2,7 +2,7 @@
 
 A real run writes a journal with succeeded and failed items. Copies of it
 are then truncated (inside the SQLite header, after it, mid-page, in the
-last page), zeroed (whole, or the first page), replaced by another
+last page), zeroed (whole, the first page, or two pages inside), replaced by another
 program's SQLite file, or given a newer schema version. Each command
 (`status`, `status --json`, `status --failed`, `report`, `report --json`,
 `retry`, `resume`, `show` and `run` with the same command) is then
@@ -72,6 +72,10 @@ DAMAGES: dict[str, Damage] = {
     "truncated-last-byte": lambda data, page: data[:-1],
     "zeroed": lambda data, page: bytes(len(data)),
     "zeroed-first-page": lambda data, page: bytes(page) + data[page:],
+    # Pages deep in the file, which only a check of every page finds.
+    "zeroed-inside-pages": lambda data, page: (
+        data[: 2 * page] + bytes(2 * page) + data[4 * page :]
+    ),
 }
 """Damages made from the journal's bytes and its page size."""
 

@@ -1720,7 +1720,12 @@ def _finish(
             click.echo(line, file=err)
     if aborted is not None:
         click.echo(f"Error: {aborted}", file=err)
-        if journal is not None:
+        # A damaged journal cannot be resumed; its error says what to do.
+        damaged = any(
+            isinstance(error, JournalError) and not error.resumable
+            for error in (aborted, aborted.__cause__)
+        )
+        if journal is not None and not damaged:
             click.echo(
                 f"What was committed is kept; after fixing the cause, run: "
                 f"batchtools resume {journal.path}",
