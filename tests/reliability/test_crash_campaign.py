@@ -21,6 +21,7 @@ campaign kills it 200 times, 10 times in each run of 5,000 items.
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import subprocess
 import sys
@@ -42,6 +43,8 @@ from tests.cli.support import (
     count_in_state,
     integrity_check,
     kill_tree,
+    run_cli,
+    started_cli,
     wait_until,
 )
 from tests.reliability.campaign import CAMPAIGN, Campaign, ScenarioRecord
@@ -331,3 +334,49 @@ def test_library_killed_and_rerun(
     tmp_path: Path, campaign: Campaign, scenario: ScenarioRecord
 ) -> None:
     _kill_campaign(Runner("library"), tmp_path, campaign, scenario)
+
+
+CREATION_KILLS = CAMPAIGN.size(5, 50)
+
+
+def _creating(folder: Path) -> bool:
+    """Return whether a journal, or the temporary file it is built in, exists."""
+    return any(path.name.startswith((".run.db", "run.db")) for path in folder.iterdir())
+
+
+def test_kill_while_the_journal_is_created(
+    tmp_path: Path, scenario: ScenarioRecord
+) -> None:
+    # The journal is built under a temporary name and linked into place
+    # whole, so a kill at any moment of its creation leaves either no
+    # journal or a complete one, never a file that no command can use.
+    complete = 0
+    for trial in range(CREATION_KILLS):
+        folder = tmp_path / f"trial-{trial}"
+        folder.mkdir()
+        journal = folder / "run.db"
+        arguments: list[Argument] = [
+            "run", "-q", "--journal", journal, "true", ":::", "a", "b",
+        ]  # fmt: skip
+        with started_cli(arguments, folder, stdout=subprocess.DEVNULL) as process:
+            wait_until(
+                functools.partial(_creating, folder),
+                "the journal's creation to begin",
+                process=process,
+                interval=0.0002,
+            )
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        scenario.tried += 1
+        scenario.faults_injected += 1
+        if journal.exists():
+            complete += 1
+            status = run_cli(["status", "--json", journal], folder)
+            assert status.returncode == 0, status.stderr.decode(errors="replace")
+        again = run_cli(arguments, folder)
+
+        assert again.returncode == 0, again.stderr.decode(errors="replace")
+        assert count_in_state(journal, "succeeded") == 2
+        assert integrity_check(journal) == "ok"
+        assert [path.name for path in folder.glob(".run.db.creating-*")] == []
+    scenario.notes["journal_complete_at_kill"] = complete

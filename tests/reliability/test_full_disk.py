@@ -447,3 +447,43 @@ def test_full_results_disk_keeps_each_outcome_with_its_files(
         assert set(states) == {"succeeded"}
         assert len(states["succeeded"]) == scenario.tried
         assert succeeded_without_results(outcome.journal, results) == []
+
+
+def _small_file_limit() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+
+def test_no_room_to_create_the_journal_leaves_nothing(
+    tmp_path: Path, scenario: ScenarioRecord
+) -> None:
+    journal = tmp_path / "run.db"
+    arguments: list[Argument] = ["run", "-q", "--journal", journal, "true", ":::", "a"]
+    scenario.tried = 1
+    scenario.faults_injected = 1
+
+    failed = subprocess.run(
+        cli_argv(arguments),
+        cwd=tmp_path,
+        env=cli_environment(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        preexec_fn=_small_file_limit,
+        timeout=RUN_TIMEOUT,
+    )
+
+    stderr = failed.stderr.decode(errors="replace")
+    assert failed.returncode == EXIT_ABORTED, stderr
+    (line,) = error_lines(failed.stderr)
+    assert str(journal) in line
+    assert FILE_TOO_LARGE.search(line), line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run.db.lock"]
+    again = subprocess.run(
+        cli_argv(arguments),
+        cwd=tmp_path,
+        env=cli_environment(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=RUN_TIMEOUT,
+    )
+    assert again.returncode == 0, again.stderr.decode(errors="replace")

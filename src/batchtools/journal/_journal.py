@@ -19,6 +19,8 @@ loses at most the uncommitted group: at-least-once, never a false success.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -44,6 +46,7 @@ from batchtools._exceptions import (
     JournalLockedError,
     JournalMismatchError,
 )
+from batchtools.fs._atomic_io import sync_folder
 from batchtools.journal import _schema as sql
 
 log = logging.getLogger("batchtools.journal")
@@ -219,27 +222,30 @@ def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def _io_error_hint() -> str:
+def _io_error_hint(then: str) -> str:
     """Return the advice for SQLite's 'disk I/O error', naming a file size limit."""
     limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     if limit != resource.RLIM_INFINITY:
         return (
             f"; this process may write files of at most {limit:,} bytes (File too "
-            "large: ulimit -f), so raise that limit, then run 'batchtools "
-            "resume' on it"
+            f"large: ulimit -f), so raise that limit, then {then}"
         )
-    return (
-        "; check the disk's free space and health, then run 'batchtools resume' on it"
-    )
+    return f"; check the disk's free space and health, then {then}"
 
 
 def _translate(path: Path, error: sqlite3.Error, doing: str) -> JournalError:
     text = str(error)
     hint = ""
+    # Nothing is left to resume when the journal could not be created.
+    then = (
+        "run the command again"
+        if doing == "creating"
+        else "run 'batchtools resume' on it"
+    )
     if "full" in text.lower():
-        hint = "; free disk space, then run 'batchtools resume' on it"
+        hint = f"; free disk space, then {then}"
     elif "disk i/o error" in text.lower():
-        hint = _io_error_hint()
+        hint = _io_error_hint(then)
     elif "not a database" in text or "malformed" in text:
         hint = (
             "; the file is damaged or not a journal, and its items cannot be "
@@ -537,28 +543,23 @@ class Journal:
                     "it already exists; use 'batchtools resume' to continue that "
                     "run, or choose another path",
                 )
-            fd = os.open(journal_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            os.close(fd)
             now = time.time()
-            conn = _connect(journal_path)
-            try:
-                for pragma in sql.PRAGMAS:
-                    conn.execute(pragma)
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in sql.CREATE:
-                    conn.execute(statement)
-                conn.execute(
-                    sql.INSERT_RUN,
-                    (run_id, signature, json.dumps(spec), now, now),
-                )
-                conn.execute("COMMIT")
-            finally:
-                conn.close()
+            _create_file(journal_path, (run_id, signature, json.dumps(spec), now, now))
         except sqlite3.Error as error:
             lock.release()
+            _remove_pid_file(journal_path)
             raise _translate(journal_path, error, "creating") from error
+        except OSError as error:
+            lock.release()
+            _remove_pid_file(journal_path)
+            raise JournalError(
+                str(journal_path),
+                f"creating failed: {error.strerror or error}; fix that (free disk "
+                "space, say), then run the command again",
+            ) from error
         except BaseException:
             lock.release()
+            _remove_pid_file(journal_path)
             raise
         run = RunRecord(run_id, signature, spec, now, now, "running", 0, False)
         journal = cls(journal_path, run, lock)
@@ -1200,6 +1201,47 @@ class _DigestFilter:
             layer[position >> 3] |= 1 << (position & 7)
         self._count += 1
         return True
+
+
+def _create_file(path: Path, run_row: tuple[Any, ...]) -> None:
+    """Write a new journal with its schema and run record, then put it at ``path``.
+
+    The file is built under a temporary name in the same folder and linked
+    to ``path`` only when complete, so a process killed or a disk filled
+    while creating it never leaves a half-made journal at ``path``. A
+    temporary file left by a killed process is removed by the next
+    creation of that journal: the caller holds the journal's lock, so no
+    live process is creating it.
+    """
+    prefix = f".{path.name}.creating-"
+    for stale in path.parent.glob(glob.escape(prefix) + "*"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    temporary = path.with_name(f"{prefix}{os.getpid()}-{os.urandom(4).hex()}")
+    fd = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.close(fd)
+    try:
+        conn = _connect(temporary)
+        try:
+            for pragma in sql.PRAGMAS:
+                conn.execute(pragma)
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in sql.CREATE:
+                conn.execute(statement)
+            conn.execute(sql.INSERT_RUN, run_row)
+            conn.execute("COMMIT")
+        finally:
+            # Closing the only connection checkpoints the write-ahead log
+            # into the file and removes it.
+            conn.close()
+        # A link, unlike a rename, fails if another file took the name.
+        os.link(temporary, path)
+    finally:
+        for leftover in (temporary, Path(f"{temporary}-wal"), Path(f"{temporary}-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+    with contextlib.suppress(OSError):
+        sync_folder(str(path.parent))  # the journal exists whether this works
 
 
 def _pid_file(path: Path) -> Path:
