@@ -292,3 +292,25 @@ def test_library_rejects_invalid_grace_before_running() -> None:
     with pytest.raises(ConfigurationError, match="invalid grace '0s'"):
         batchtools.run([1], ran.append, handle_signals=True, grace="0s")
     assert ran == []
+
+
+def test_sigint_before_the_run_starts_exits_130(tmp_path: Path) -> None:
+    # The task's module is imported while options are checked, before the
+    # journal exists, so the signal arrives before the run handles signals.
+    marker = tmp_path / "importing"
+    environment = cli_environment(
+        SLOW_IMPORT_MARKER=str(marker), SLOW_IMPORT_GATE=str(tmp_path / "gate")
+    )
+    arguments: list[str | Path] = [
+        "run", "--journal", tmp_path / "run.db",
+        "--call", "tests.cli.slow_import:echo", ":::", "a",
+    ]  # fmt: skip
+    with started_cli(arguments, tmp_path, environment=environment) as process:
+        wait_until(marker.exists, "the task's module to load", process=process)
+        process.send_signal(signal.SIGINT)
+        _, errors = process.communicate(timeout=60)
+
+    message = errors.decode(errors="replace")
+    assert process.returncode == 130, message
+    assert message.strip() == "Interrupted by SIGINT."
+    assert not (tmp_path / "run.db").exists()

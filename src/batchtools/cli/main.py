@@ -183,6 +183,17 @@ class _LazyGroup(click.Group):
     def list_commands(self, context: click.Context) -> list[str]:
         return sorted({*super().list_commands(context), *self.lazy_commands})
 
+    def invoke(self, context: click.Context) -> Any:
+        # A run handles SIGINT itself from the moment it creates its journal.
+        # Before that (while options are checked and modules load), and in
+        # the other commands, Ctrl-C ends here rather than in click's
+        # "Aborted!" with exit status 1.
+        try:
+            return super().invoke(context)
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted by SIGINT.", err=True)
+            context.exit(128 + signal.SIGINT)
+
     def get_command(self, context: click.Context, name: str) -> click.Command | None:
         target = self.lazy_commands.get(name)
         if target is None:
