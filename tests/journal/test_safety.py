@@ -151,3 +151,15 @@ def test_other_task_journal_rejected(tmp_path: Path) -> None:
 
     with pytest.raises(batchtools.JournalMismatchError, match="different run"):
         batchtools.run([1], triple, backend="thread", journal=path)
+
+
+def test_journal_cut_inside_its_header_is_called_cut_short(tmp_path: Path) -> None:
+    whole = tmp_path / "whole.db"
+    batchtools.run([1], double, backend="thread", journal=whole)
+    cut = tmp_path / "cut.db"
+    cut.write_bytes(whole.read_bytes()[:50])
+
+    with pytest.raises(JournalError, match="shorter than an SQLite header") as caught:
+        batchtools.run([1], double, backend="thread", journal=cut)
+    assert not caught.value.resumable
+    assert cut.read_bytes() == whole.read_bytes()[:50]

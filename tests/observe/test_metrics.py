@@ -6,6 +6,8 @@ import http.client
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -627,3 +629,35 @@ def test_snapshots_from_another_thread() -> None:
     assert report.metrics is not None
     assert report.metrics["items"]["succeeded"] == 200
     assert report.metrics["attempts"] == 200
+
+
+FULL_DISK_SCRIPT = """
+import resource, signal, sys
+from batchtools import ConfigurationError
+from batchtools.observe.metrics import Metrics
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+try:
+    Metrics().write_to(sys.argv[1])
+except ConfigurationError as error:
+    print(error)
+"""
+
+
+def test_metrics_file_without_room_names_the_fix(tmp_path: Path) -> None:
+    # A file size limit of 0 fails the first write as a full disk would.
+    target = tmp_path / "m.json"
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_SCRIPT, str(target)],
+        env=cli_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (
+        f"cannot write the metrics file {str(target)!r}: File too large; "
+        "free space on its disk"
+    )

@@ -15,6 +15,7 @@ commands, in turn, and the whole campaign tries every pair.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 from collections.abc import Callable
@@ -261,3 +262,33 @@ def test_locked_journal_rejected_while_run_lives(
     scenario.items_lost = len({"a", "b"} - set(calls))
     assert sorted(calls) == ["a", "b"]
     assert integrity_check(journal) == "ok"
+
+
+def _not_a_file(kind: str, folder: Path) -> Path:
+    if kind == "device":
+        return Path("/dev/zero")
+    path = folder / "journal.db"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "device"])
+@pytest.mark.parametrize("command", ["status", "resume", "retry", "show", "report"])
+def test_journal_path_that_is_not_a_file_is_named_so(
+    tmp_path: Path, kind: str, command: str, scenario: ScenarioRecord
+) -> None:
+    journal = _not_a_file(kind, tmp_path)
+    scenario.tried = 1
+    scenario.faults_injected = 1
+
+    result = run_cli(_arguments(command, journal, "key"), tmp_path, stdin=b"")
+
+    assert result.returncode == EXIT_ABORTED, result.stderr
+    (line,) = error_lines(result.stderr)
+    assert line == (
+        f"Error: journal {journal}: it is not a regular file; give the path of a "
+        "journal file"
+    )

@@ -186,8 +186,16 @@ def _check_length(path: Path) -> None:
         wal = os.stat(f"{path}-wal").st_size if os.path.exists(f"{path}-wal") else 0
     except OSError:
         return  # opening the database reports it
-    if len(header) < 100 or not header.startswith(b"SQLite format 3\0") or wal > 32:
+    if not header.startswith(b"SQLite format 3\0") or wal > 32:
         return
+    if len(header) < 100:
+        raise JournalError(
+            str(path),
+            f"it is {length:,} bytes long, shorter than an SQLite header, so it "
+            "was cut short; its items cannot be resumed, so start the run again "
+            "with another --journal path",
+            resumable=False,
+        )
     page_size = int.from_bytes(header[16:18], "big")
     page_size = 65536 if page_size == 1 else page_size
     pages = int.from_bytes(header[28:32], "big")
@@ -255,6 +263,21 @@ def _translate(path: Path, error: sqlite3.Error, doing: str) -> JournalError:
     return JournalError(str(path), f"{doing} failed: {text}{hint}")
 
 
+def check_existing_file(path: Path) -> None:
+    """Reject a journal path that is missing or not a regular file.
+
+    Raises:
+        JournalError: Nothing is at ``path``, or a folder, a device or a
+            pipe is.
+    """
+    if not path.exists():
+        raise JournalError(str(path), "no such journal file")
+    if not path.is_file():
+        raise JournalError(
+            str(path), "it is not a regular file; give the path of a journal file"
+        )
+
+
 def read_run(path: str | os.PathLike[str]) -> RunRecord:
     """Read a journal's run record without taking its writer lock.
 
@@ -262,8 +285,7 @@ def read_run(path: str | os.PathLike[str]) -> RunRecord:
         JournalError: The file is missing, damaged or not a journal.
     """
     journal_path = Path(path)
-    if not journal_path.is_file():
-        raise JournalError(str(journal_path), "no such journal file")
+    check_existing_file(journal_path)
     try:
         conn = _connect(journal_path, readonly=True)
     except sqlite3.Error as error:

@@ -35,6 +35,7 @@ from batchtools.journal._journal import (
     _check_identity,
     _connect,
     _translate,
+    check_existing_file,
     digest_hash,
     read_run,
 )
@@ -160,8 +161,7 @@ class JournalReader:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 
-        if not self.path.is_file():
-            raise JournalError(str(self.path), "no such journal file")
+        check_existing_file(self.path)
         try:
             self._conn = _connect(self.path, readonly=True)
         except sqlite3.Error as error:

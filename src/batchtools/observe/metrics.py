@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -307,10 +308,14 @@ class Metrics:
             try:
                 writer.write(raise_errors=True)
             except OSError as error:
+                fix = (
+                    "free space on its disk"
+                    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+                    else "check that its folder exists and is writable"
+                )
                 raise ConfigurationError(
                     f"cannot write the metrics file {str(target)!r}: "
-                    f"{error.strerror or error}; check that its folder exists "
-                    "and is writable"
+                    f"{error.strerror or error}; {fix}"
                 ) from None
             writer.start()
             self._file = writer
