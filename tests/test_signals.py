@@ -286,11 +286,21 @@ def test_library_cancels_attempts_after_its_grace_period(tmp_path: Path) -> None
     )
 
 
-def test_library_rejects_invalid_grace_before_running() -> None:
+@pytest.mark.parametrize(
+    ("grace", "message"),
+    [
+        ("0s", "invalid grace '0s'"),
+        (10**5000, r"invalid grace \(an integer of over 4,300 digits\)"),
+    ],
+    ids=["zero", "huge"],
+)
+def test_library_rejects_invalid_grace_before_running(
+    grace: float | str, message: str
+) -> None:
     ran: list[int] = []
 
-    with pytest.raises(ConfigurationError, match="invalid grace '0s'"):
-        batchtools.run([1], ran.append, handle_signals=True, grace="0s")
+    with pytest.raises(ConfigurationError, match=message):
+        batchtools.run([1], ran.append, handle_signals=True, grace=grace)
     assert ran == []
 
 

@@ -180,6 +180,8 @@ def test_cluster_options_rejected_when_contradictory() -> None:
         DaskCluster(scheduler="tcp://127.0.0.1:8786", local_cluster=2)
     with pytest.raises(ConfigurationError, match="at least 1"):
         DaskCluster(local_cluster=0)
+    with pytest.raises(ConfigurationError, match="more than 1,024 worker processes"):
+        DaskCluster(local_cluster=10**4000)
     with pytest.raises(ConfigurationError, match="is invalid"):
         DaskCluster(scheduler="tcp://127.0.0.1:8786 extra")
     with pytest.raises(ConfigurationError, match="schemes: tcp"):

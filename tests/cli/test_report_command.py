@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import batchtools
+from batchtools.journal import iter_items
 from tests.cli.support import (
+    Argument,
     count_in_state,
     error_lines,
     run_cli,
@@ -254,3 +257,26 @@ def test_html_page_never_replaces_a_journal(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert len(error_lines(result.stderr)) == 1
     assert journal.read_bytes() == before
+
+
+def test_integers_too_long_to_print_are_reported(tmp_path: Path) -> None:
+    journal = tmp_path / "run.db"
+    batchtools.run([10**5000, 7], _remainder, backend="thread", journal=journal)
+    key = next(row.key for row in iter_items(journal) if row.item != 7)
+
+    commands: list[list[Argument]] = [
+        ["report", journal],
+        ["report", "--json", journal],
+        ["report", journal, "--html", tmp_path / "page.html"],
+        ["show", journal, key],
+    ]
+    for arguments in commands:
+        result = run_cli(arguments, tmp_path)
+
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
+    shown = run_cli(["show", journal, key], tmp_path).stdout.decode()
+    assert "<int too long to show>" in shown
+
+
+def _remainder(item: int) -> int:
+    return item % 3

@@ -511,6 +511,12 @@ FOUND_JOB_FILES = {
     "NUL in journal": b'[run]\njournal = "a\\u0000"\n[task]\ncommand = ["e"]\n',
     "NUL in files": b'[input]\nfiles = ["\\u0000"]\n[task]\ncommand = ["e"]\n',
     "huge integer": b"[run]\njobs = " + b"9" * 5000 + b"\n[task]\ncommand = ['e']\n",
+    "huge aging": b"[run]\npriority = '{}'\npriority_aging = "
+    + b"9" * 4000
+    + b"\n[task]\ncommand = ['e']\n",
+    "huge local cluster": b"[run]\nlocal_cluster = "
+    + b"9" * 4000
+    + b"\n[task]\ncommand = ['e']\n",
 }
 """Job files that once crashed the CLI with a traceback."""
 

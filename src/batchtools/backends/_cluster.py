@@ -20,6 +20,10 @@ INSTALL_HINT = "pip install 'pybatchtools[dask]'"
 SCHEDULER_SCHEMES = ("tcp", "tls", "inproc", "ucx", "ws", "wss")
 
 
+MAX_LOCAL_WORKERS = 1024
+"""The most worker processes `local_cluster` may start; far beyond a machine."""
+
+
 @dataclass(frozen=True, slots=True)
 class DaskCluster:
     """The cluster the dask backend runs on: a running one, or one started for the run.
@@ -82,6 +86,12 @@ class DaskCluster:
             value = getattr(self, name)
             if value is not None:
                 _check_count(name, value)
+        if self.local_cluster is not None and self.local_cluster > MAX_LOCAL_WORKERS:
+            raise ConfigurationError(
+                f"DaskCluster local_cluster={self.local_cluster} asks for more than "
+                f"{MAX_LOCAL_WORKERS:,} worker processes on one machine; give "
+                "fewer, or the scheduler= address of a larger cluster"
+            )
         _check_count("threads_per_worker", self.threads_per_worker)
         timeout = self.connect_timeout
         if (

@@ -204,7 +204,7 @@ def bench_command(
     except ConfigurationError as error:
         raise UsageError(str(error)) from None
     except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
+        click.echo("Interrupted by SIGINT.", err=True)
         sys.exit(EXIT_INTERRUPTED)
     if as_json:
         click.echo(json.dumps(result.to_dict()))

@@ -165,7 +165,7 @@ def grep_command(
         _silence_stdout()
         sys.exit(EXIT_OUTPUT_CLOSED)
     except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
+        click.echo("Interrupted by SIGINT.", err=True)
         sys.exit(EXIT_INTERRUPTED)
     statistics = search.statistics
     if statistics.errors:

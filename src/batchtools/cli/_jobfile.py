@@ -62,7 +62,11 @@ def _not_negative(value: int) -> None:
 
 
 def _finite(value: float) -> None:
-    if not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer beyond the range of a float
+        finite = False
+    if not finite:
         raise ConfigurationError("must be a finite number")
 
 

@@ -20,7 +20,11 @@ def preview(item: Any) -> str:
     elif isinstance(item, str):
         text = item
     else:
-        text = repr(item)
+        try:
+            text = repr(item)
+        except ValueError:
+            # repr() refuses integers of over 4,300 digits, alone or inside.
+            text = f"<{type(item).__name__} too long to show>"
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     text = text.replace("\n", "\\n").replace("\t", "\\t")
     # The end of a long item, such as a path's file name, distinguishes items best.

@@ -19,6 +19,14 @@ _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _MAX_DIGITS = 100
 
 
+def _shown(value: object) -> str:
+    """Return ``repr(value)``, or a description of an integer too long for it."""
+    try:
+        return repr(value)
+    except ValueError:
+        return "(an integer of over 4,300 digits)"
+
+
 def whole_number(digits: str, *, name: str, text: object) -> int:
     """Return the decimal ``digits`` found in ``text`` as an int.
 
@@ -67,11 +75,11 @@ def parse_duration(value: str | float | timedelta, *, name: str = "duration") ->
         seconds = float(match[1]) * _DURATION_UNITS[match[2] or "s"]
     if math.isinf(seconds):
         raise ConfigurationError(
-            f"invalid {name} {value!r}: it must be a finite number of seconds"
+            f"invalid {name} {_shown(value)}: it must be a finite number of seconds"
         )
     if not seconds > 0:  # also true for NaN
         raise ConfigurationError(
-            f"invalid {name} {value!r}: it must be greater than zero"
+            f"invalid {name} {_shown(value)}: it must be greater than zero"
         )
     return seconds
 
