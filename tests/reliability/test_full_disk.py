@@ -487,3 +487,53 @@ def test_no_room_to_create_the_journal_leaves_nothing(
         timeout=RUN_TIMEOUT,
     )
     assert again.returncode == 0, again.stderr.decode(errors="replace")
+
+
+def _fill_leaving(folder: Path, free: int) -> Path:
+    """Fill the filesystem of ``folder`` until ``free`` bytes are left."""
+    filler = folder / "filler"
+    room = shutil.disk_usage(folder).free - free
+    with open(filler, "wb", buffering=0) as stream:
+        while room > 0:
+            room -= stream.write(bytes(min(room, FILL_BLOCK)))
+    return filler
+
+
+def test_disk_filling_up_during_creation_leaves_no_half_journal(
+    tmp_path: Path, scenario: ScenarioRecord
+) -> None:
+    # With a little room left, the journal's creation runs out of space at
+    # one step or another of it. Each time there is either no journal or a
+    # whole one, and the same command works once the space is back.
+    with _tmpfs(tmp_path / "tmpfs") as tmpfs:
+        if tmpfs is None:
+            scenario.notes["fallback"] = "unshare is not permitted here"
+            test_no_room_to_create_the_journal_leaves_nothing(tmp_path, scenario)
+            return
+        inside = tmpfs.outside()
+        for free in range(4096, 81920, 8192):
+            journal = tmpfs.folder / f"run-{free}.db"
+            arguments: list[Argument] = [
+                "run", "-q", "--journal", journal, "true", ":::", "a",
+            ]  # fmt: skip
+            filler = _fill_leaving(inside, free)
+            try:
+                process = tmpfs.start(tmpfs.argv(cli_argv(arguments)), tmp_path)
+                _, errors = process.communicate(timeout=RUN_TIMEOUT)
+            finally:
+                filler.unlink()
+            scenario.tried += 1
+            scenario.faults_injected += 1
+            assert process.returncode in (0, EXIT_ABORTED), errors.decode()
+            if (inside / journal.name).exists():
+                # Made whole, even if the run then found no room to start.
+                status = tmpfs.start(
+                    tmpfs.argv(cli_argv(["status", "--json", journal])), tmp_path
+                )
+                _, status_errors = status.communicate(timeout=RUN_TIMEOUT)
+                assert status.returncode == 0, status_errors.decode(errors="replace")
+            again = tmpfs.start(tmpfs.argv(cli_argv(arguments)), tmp_path)
+            _, errors = again.communicate(timeout=RUN_TIMEOUT)
+            assert again.returncode == 0, errors.decode(errors="replace")
+            leftovers = [p.name for p in inside.iterdir() if "creating" in p.name]
+            assert leftovers == []

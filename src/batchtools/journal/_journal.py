@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -1245,25 +1246,65 @@ def _create_file(path: Path, run_row: tuple[Any, ...]) -> None:
     try:
         conn = _connect(temporary)
         try:
+            # A rollback journal, not the write-ahead log, while the file is
+            # made: the commit then writes the file itself, and a full disk
+            # fails the commit instead of a later checkpoint that closing a
+            # connection does silently. The first session turns on the log.
+            conn.execute("PRAGMA journal_mode=DELETE")
             for pragma in sql.PRAGMAS:
-                conn.execute(pragma)
+                if not pragma.startswith("PRAGMA journal_mode"):
+                    conn.execute(pragma)
             conn.execute("BEGIN IMMEDIATE")
             for statement in sql.CREATE:
                 conn.execute(statement)
             conn.execute(sql.INSERT_RUN, run_row)
             conn.execute("COMMIT")
         finally:
-            # Closing the only connection checkpoints the write-ahead log
-            # into the file and removes it.
             conn.close()
-        # A link, unlike a rename, fails if another file took the name.
-        os.link(temporary, path)
+        _check_created(temporary)
+        _link_new(temporary, path)
     finally:
-        for leftover in (temporary, Path(f"{temporary}-wal"), Path(f"{temporary}-shm")):
+        for leftover in (
+            temporary,
+            Path(f"{temporary}-journal"),
+            Path(f"{temporary}-wal"),
+            Path(f"{temporary}-shm"),
+        ):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
     with contextlib.suppress(OSError):
         sync_folder(str(path.parent))  # the journal exists whether this works
+
+
+def _check_created(path: Path) -> None:
+    """Read back a journal just made, so that a short write is found now.
+
+    Raises:
+        sqlite3.Error: The file is damaged or lacks its run record.
+    """
+    conn = _connect(path, readonly=True)
+    try:
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check(1)")]
+        if problems != ["ok"] or conn.execute(sql.SELECT_RUN).fetchone() is None:
+            raise sqlite3.DatabaseError("database disk image is malformed")
+    finally:
+        conn.close()
+
+
+def _link_new(temporary: Path, path: Path) -> None:
+    """Give ``temporary`` the name ``path``, which must not exist yet."""
+    try:
+        # A link, unlike a rename, fails if another file took the name.
+        os.link(temporary, path)
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        # The filesystem has no hard links (FAT, some network mounts). The
+        # caller holds the journal's lock, so only another program could
+        # take the name between this check and the rename.
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST)) from None
+        os.rename(temporary, path)
 
 
 def _pid_file(path: Path) -> Path:
