@@ -292,3 +292,28 @@ def test_journal_path_that_is_not_a_file_is_named_so(
         f"Error: journal {journal}: it is not a regular file; give the path of a "
         "journal file"
     )
+
+
+def test_damaged_text_inside_a_row_gives_one_next_step(
+    tmp_path: Path, scenario: ScenarioRecord
+) -> None:
+    # A byte of a key that is no longer UTF-8 passes SQLite's page check and
+    # is found only when the row is read, after the run has begun.
+    journal = tmp_path / "run.db"
+    arguments: list[Argument] = ["run", "-q", "--journal", journal, "true"]
+    first = run_cli(arguments, tmp_path, stdin=b"a\nb\nc\n")
+    assert first.returncode == 0, first.stderr
+    key = next(row.key for row in iter_items(journal) if row.seq == 1)
+    data = bytearray(journal.read_bytes())
+    data[data.index(key.encode()) + 3] = 0xFF
+    journal.write_bytes(bytes(data))
+    scenario.tried = 1
+    scenario.faults_injected = 1
+
+    result = run_cli(arguments, tmp_path, stdin=b"a\nb\nc\nd\n")
+
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == EXIT_ABORTED, stderr
+    (line,) = error_lines(result.stderr)
+    assert "its items cannot be resumed: start the run again" in line
+    assert "batchtools resume" not in stderr

@@ -255,7 +255,12 @@ def _translate(path: Path, error: sqlite3.Error, doing: str) -> JournalError:
         hint = f"; free disk space, then {then}"
     elif "disk i/o error" in text.lower():
         hint = _io_error_hint(then)
-    elif "not a database" in text or "malformed" in text:
+    elif (
+        "not a database" in text
+        or "malformed" in text
+        # A damaged byte inside a text value, which no page check finds.
+        or "Could not decode to UTF-8" in text
+    ):
         hint = (
             "; the file is damaged or not a journal, and its items cannot be "
             f"resumed: {_DAMAGED_NEXT_STEP}"
