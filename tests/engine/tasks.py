@@ -204,3 +204,20 @@ class SetupThatHangs:
         with open(self.started, "w"):
             pass
         time.sleep(WAIT_LIMIT)
+
+
+def setup_slow_after_first(marker: str) -> None:
+    """Return at once in the first worker, which creates ``marker``; else in 3 s."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        time.sleep(3)
+    else:
+        os.close(fd)
+
+
+def sleep_if_slow(item: str) -> str:
+    """Sleep a minute for the item ``slow``, return other items at once."""
+    if item == "slow":
+        time.sleep(60)
+    return item

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import threading
 from pathlib import Path
 from typing import Any
@@ -336,3 +337,25 @@ def test_memory_limit_below_idle_aborts() -> None:
     assert "while executing nothing" in message
     assert "1.0 MiB" in message
     assert "raise --max-memory" in message
+
+
+def test_timeout_counts_from_when_a_new_worker_can_start(tmp_path: Path) -> None:
+    # "slow" times out and its worker is killed. The replacement's setup
+    # takes longer than the timeout, and the items waiting for it must not
+    # time out meanwhile: their timeout starts when the worker takes them.
+    setup = functools.partial(
+        tasks.setup_slow_after_first, str(tmp_path / "first-setup")
+    )
+
+    report = batchtools.run(
+        ["slow", "a", "b"],
+        tasks.sleep_if_slow,
+        backend="process",
+        concurrency=1,
+        timeout=1.0,
+        setup=setup,
+    )
+
+    states = {outcome.item: outcome.state.value for outcome in report.outcomes}
+    assert states == {"slow": "failed", "a": "succeeded", "b": "succeeded"}
+    assert isinstance(report.outcomes[0].error, batchtools.AttemptTimeoutError)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
@@ -301,6 +302,16 @@ class Backend(ABC):
     @abstractmethod
     def cancel(self, call: Call, error: BaseException) -> None:
         """Stop the attempt of ``call``; its `execute` then raises ``error``."""
+
+    def began(self, call: Call) -> float | None:
+        """Return when ``call`` began executing, in `time.monotonic` seconds.
+
+        The engine asks when an attempt's timeout expires, and times the
+        attempt from this moment instead of its hand-over if it is later.
+        ``None`` means that the attempt still waits for a worker. The
+        default, minus infinity, keeps the hand-over.
+        """
+        return -math.inf
 
     def signal_workers(self, number: int) -> None:  # noqa: B027 - optional
         """Send signal ``number`` to the processes executing attempts.

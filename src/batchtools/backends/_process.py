@@ -508,6 +508,7 @@ def _exit_with_parent(inbox: Connection) -> None:
 class _Chunk:
     seq: int
     calls: list[Call]
+    sent_at: float = 0.0  # time.monotonic() when it went to the worker
 
 
 class _Worker:
@@ -527,6 +528,7 @@ class _Worker:
         "process",
         "ps",
         "ready",
+        "ready_at",
         "sent",
         "slot",
         "stopping",
@@ -550,6 +552,7 @@ class _Worker:
         self.chunks: dict[int, _Chunk] = {}  # sent and not yet finished, in order
         self.next_seq = 0
         self.ready = False
+        self.ready_at = 0.0  # time.monotonic() of its ready message
         self.killed = False  # sent SIGKILL by this backend
         self.stopping = False  # sent the stop message
         self.output: deque[memoryview] = deque()  # bytes the pipe did not take yet
@@ -1132,7 +1135,7 @@ class ProcessBackend(Backend):
         worker.next_seq += 1
         region = (seq & 1) * _MAX_CHUNK
         self._blocks[worker.slot].skip[region : region + len(calls)] = bytes(len(calls))
-        worker.chunks[seq] = _Chunk(seq, calls)
+        worker.chunks[seq] = _Chunk(seq, calls, time.monotonic())
         slot, pid = worker.slot + 1, f"pid {worker.process.pid}"
         for call in calls:
             call.slot = slot
@@ -1291,6 +1294,7 @@ class ProcessBackend(Backend):
             self._on_results(worker, message)
         elif kind == _READY:
             worker.ready = True
+            worker.ready_at = time.monotonic()
             self._startup_failures = 0
             self._ready_count += 1
             if self._ready_count >= self.concurrency and self._all_ready is not None:
@@ -1405,6 +1409,30 @@ class ProcessBackend(Backend):
                 except ValueError:
                     continue
         return None
+
+    def began(self, call: Call) -> float | None:
+        """Return when ``call`` reached a worker able to run it, or ``None``.
+
+        A call waits while it is queued here, while its worker starts (a
+        replacement for a worker killed by a timeout, say, with its setup),
+        and while the worker runs an earlier chunk. Without the moment the
+        worker took it, the later of its send and its worker's start stands
+        for it.
+        """
+        located = self._locate(call)
+        if located is None:
+            return None  # still in the queue, or settled already
+        worker, chunk, index = located
+        if not worker.ready:
+            return None
+        if not worker.killed and self._acquire(worker):
+            try:
+                progress = self._blocks[worker.slot].progress(chunk.seq, index)
+            finally:
+                worker.lock.release()
+            if progress == _NOT_STARTED:
+                return None
+        return max(chunk.sent_at, worker.ready_at)
 
     def _fail_queue(self, error: BaseException) -> None:
         for call in self._queue:

@@ -75,6 +75,9 @@ retry_log = logging.getLogger("batchtools.retry")
 attempt_log = logging.getLogger("batchtools.attempts")
 # The CLI shows these by default, unlike the engine's routine messages.
 memory_log = logging.getLogger("batchtools.memory")
+_WAIT_RECHECK = 0.1
+"""Most seconds between two looks at an attempt whose timeout expired while it
+still waited for a worker."""
 cache_log = logging.getLogger("batchtools.cache")
 
 VALUE_LIMIT = 64 * 1024
@@ -1749,15 +1752,33 @@ class Engine:
         if heap[0][2] is call and self._sweeper_wake is not None:
             _set_result(self._sweeper_wake)
 
+    def _later_deadline(self, call: Call, deadline: float, now: float) -> float | None:
+        """Return a new deadline if ``call`` began after its hand-over, else None.
+
+        A backend with workers of its own may hold an attempt until a worker
+        can take it; the timeout counts from then. An attempt that still
+        waits is looked at again after `_WAIT_RECHECK` seconds at most.
+        """
+        assert call.timeout is not None
+        began = self.backend.began(call)
+        if began is None:
+            return now + min(call.timeout, _WAIT_RECHECK)
+        later = max(began, deadline - call.timeout) + call.timeout
+        return later if later > now else None
+
     async def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
         heap = self._timeouts
         while True:
             now = time.monotonic()
             while heap and heap[0][0] <= now:
-                _, _, call = heapq.heappop(heap)
+                deadline, _, call = heapq.heappop(heap)
                 if call in self._active and call.cancel_error is None:
                     assert call.timeout is not None
+                    later = self._later_deadline(call, deadline, now)
+                    if later is not None:
+                        heapq.heappush(heap, (later, next(self._timeout_counter), call))
+                        continue
                     self.backend.cancel(call, AttemptTimeoutError(call.timeout))
             self._sweeper_wake = loop.create_future()
             delay = heap[0][0] - now if heap else None
