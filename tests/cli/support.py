@@ -128,10 +128,14 @@ def started_cli(
 
 
 def kill_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant it has, the descendants first."""
+    """SIGKILL a process and then every descendant it had.
+
+    The process goes first, so that it cannot see a child die and record
+    that as an outcome, which would make the kill look gentler than it is.
+    """
     try:
         parent = psutil.Process(pid)
-        family = [*parent.children(recursive=True), parent]
+        family = [parent, *parent.children(recursive=True)]
     except psutil.NoSuchProcess:
         return
     for member in family:
