@@ -645,8 +645,9 @@ class ProcessBackend(Backend):
     @property
     def capacity(self) -> int:
         if not self.queue_ahead:
-            # An attempt's timeout runs from hand-over, and a halt must keep
-            # the next items from starting: hand over no more than can run.
+            # An attempt's timeout runs from about when it reaches a worker
+            # (see `began`), and a halt must keep the next items from
+            # starting: hand over no more than can run.
             return self.concurrency
         bounded = min(self.concurrency * CAPACITY_PER_WORKER, MAX_CAPACITY)
         return max(bounded, self.concurrency * 256)
@@ -684,8 +685,8 @@ class ProcessBackend(Backend):
                 _MEMORY_CHECK_SECONDS, self._check_memory
             )
         if self._task.setup is not None:
-            # An attempt's timeout runs from hand-over, so workers finish
-            # their setup before the first item goes out.
+            # Workers finish their setup before the first item goes out, so
+            # that the first attempts do not wait for it.
             self._all_ready = self._loop.create_future()
             await self._all_ready
             if self._stop_error is not None:
