@@ -74,14 +74,20 @@ def run_cli(
     environment: Mapping[str, str] | None = None,
     stdin: bytes | None = None,
     timeout: float = RUN_TIMEOUT,
+    preexec: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``batchtools`` to its end and return its exit status and output.
+
+    ``preexec`` runs in the child before ``batchtools`` starts, to set a
+    resource limit, say.
 
     Raises:
         AssertionError: It ran longer than ``timeout`` seconds, after which
             it and its descendants were killed.
     """
-    with started_cli(arguments, cwd, environment=environment) as process:
+    with started_cli(
+        arguments, cwd, environment=environment, preexec=preexec
+    ) as process:
         try:
             stdout, stderr = process.communicate(stdin, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -101,6 +107,7 @@ def started_cli(
     environment: Mapping[str, str] | None = None,
     stdout: IO[Any] | int | None = subprocess.PIPE,
     stderr: IO[Any] | int | None = subprocess.PIPE,
+    preexec: Callable[[], None] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Start ``batchtools`` in its own session, and kill its tree at the end.
 
@@ -114,6 +121,7 @@ def started_cli(
         stdout=stdout,
         stderr=stderr,
         start_new_session=True,
+        preexec_fn=preexec,
     )
     try:
         yield process

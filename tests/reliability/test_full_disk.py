@@ -47,6 +47,7 @@ from tests.cli.support import (
     cli_environment,
     error_lines,
     kill_tree,
+    run_cli,
     succeeded_without_results,
 )
 from tests.reliability.campaign import CAMPAIGN, Campaign, ScenarioRecord
@@ -462,15 +463,7 @@ def test_no_room_to_create_the_journal_leaves_nothing(
     scenario.tried = 1
     scenario.faults_injected = 1
 
-    failed = subprocess.run(
-        cli_argv(arguments),
-        cwd=tmp_path,
-        env=cli_environment(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        preexec_fn=_small_file_limit,
-        timeout=RUN_TIMEOUT,
-    )
+    failed = run_cli(arguments, tmp_path, preexec=_small_file_limit)
 
     stderr = failed.stderr.decode(errors="replace")
     assert failed.returncode == EXIT_ABORTED, stderr
@@ -478,14 +471,7 @@ def test_no_room_to_create_the_journal_leaves_nothing(
     assert str(journal) in line
     assert FILE_TOO_LARGE.search(line), line
     assert sorted(path.name for path in tmp_path.iterdir()) == ["run.db.lock"]
-    again = subprocess.run(
-        cli_argv(arguments),
-        cwd=tmp_path,
-        env=cli_environment(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=RUN_TIMEOUT,
-    )
+    again = run_cli(arguments, tmp_path)
     assert again.returncode == 0, again.stderr.decode(errors="replace")
 
 

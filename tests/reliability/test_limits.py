@@ -57,16 +57,7 @@ def _run_limited(
     arguments: list[Argument], cwd: Path
 ) -> subprocess.CompletedProcess[bytes]:
     """Run the CLI with at most `DESCRIPTOR_LIMIT` open file descriptors."""
-    return subprocess.run(
-        cli_argv(arguments),
-        cwd=cwd,
-        env=cli_environment(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        preexec_fn=_limit_descriptors,
-        timeout=RUN_LIMIT,
-        check=False,
-    )
+    return run_cli(arguments, cwd, preexec=_limit_descriptors, timeout=RUN_LIMIT)
 
 
 def _item_files(folder: Path, count: int) -> tuple[Path, set[bytes]]:
