@@ -274,8 +274,8 @@ def test_integers_too_long_to_print_are_reported(tmp_path: Path) -> None:
         result = run_cli(arguments, tmp_path)
 
         assert result.returncode == 0, result.stderr.decode(errors="replace")
-    shown = run_cli(["show", journal, key], tmp_path).stdout.decode()
-    assert "<int too long to show>" in shown
+    printed = run_cli(["show", journal, key], tmp_path).stdout.decode()
+    assert "<int too long to show>" in printed
 
 
 def _remainder(item: int) -> int:

@@ -276,8 +276,8 @@ def test_process_workers_recycled() -> None:
     per_pid = collections.Counter(report.values())
     assert max(per_pid.values()) <= 3
     assert len(per_pid) >= 14
-    # Each worker sent its third item is replaced; the last worker of each
-    # of the two slots may end the run with fewer items and is not.
+    # Each worker is replaced once it was sent its third item. The last
+    # worker of each of the two slots may end the run with fewer items.
     full = sum(1 for count in per_pid.values() if count == 3)
     assert report.workers_recycled == full
     assert full >= 12
@@ -339,7 +339,7 @@ def test_memory_limit_below_idle_aborts() -> None:
     assert "raise --max-memory" in message
 
 
-def test_timeout_counts_from_when_a_new_worker_can_start(tmp_path: Path) -> None:
+def test_timeout_starts_at_new_worker(tmp_path: Path) -> None:
     # "slow" times out and its worker is killed. The replacement's setup
     # takes longer than the timeout, and the items waiting for it must not
     # time out meanwhile: their timeout starts when the worker takes them.

@@ -153,7 +153,7 @@ def test_other_task_journal_rejected(tmp_path: Path) -> None:
         batchtools.run([1], triple, backend="thread", journal=path)
 
 
-def test_journal_cut_inside_its_header_is_called_cut_short(tmp_path: Path) -> None:
+def test_header_cut_short_rejected(tmp_path: Path) -> None:
     whole = tmp_path / "whole.db"
     batchtools.run([1], double, backend="thread", journal=whole)
     cut = tmp_path / "cut.db"

@@ -277,7 +277,7 @@ def _not_a_file(kind: str, folder: Path) -> Path:
 
 @pytest.mark.parametrize("kind", ["fifo", "folder", "device"])
 @pytest.mark.parametrize("command", ["status", "resume", "retry", "show", "report"])
-def test_journal_path_that_is_not_a_file_is_named_so(
+def test_non_file_journal_rejected(
     tmp_path: Path, kind: str, command: str, scenario: ScenarioRecord
 ) -> None:
     journal = _not_a_file(kind, tmp_path)
@@ -294,7 +294,7 @@ def test_journal_path_that_is_not_a_file_is_named_so(
     )
 
 
-def test_damaged_text_inside_a_row_gives_one_next_step(
+def test_damaged_row_text_one_next_step(
     tmp_path: Path, scenario: ScenarioRecord
 ) -> None:
     # A byte of a key that is no longer UTF-8 passes SQLite's page check and

@@ -417,7 +417,7 @@ def test_journal_error_printed_once(
     assert len(mentions) == 1, outcome.stderr
 
 
-def test_full_results_disk_keeps_each_outcome_with_its_files(
+def test_full_results_disk_keeps_files(
     tmp_path: Path, campaign: Campaign, scenario: ScenarioRecord
 ) -> None:
     # Result files are written before their outcome is committed, so no
@@ -485,7 +485,7 @@ def _fill_leaving(folder: Path, free: int) -> Path:
     return filler
 
 
-def test_disk_filling_up_during_creation_leaves_no_half_journal(
+def test_disk_full_at_journal_creation(
     tmp_path: Path, scenario: ScenarioRecord
 ) -> None:
     # With a little room left, the journal's creation runs out of space at

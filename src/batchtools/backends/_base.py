@@ -306,8 +306,8 @@ class Backend(ABC):
     def began(self, call: Call) -> float | None:
         """Return when ``call`` began executing, in `time.monotonic` seconds.
 
-        The engine asks when an attempt's timeout expires, and times the
-        attempt from this moment instead of its hand-over if it is later.
+        The engine calls this when an attempt's timeout expires, and times
+        the attempt from this moment instead of its hand-over if it is later.
         ``None`` means that the attempt still waits for a worker. The
         default, minus infinity, keeps the hand-over.
         """

@@ -21,7 +21,7 @@ SCHEDULER_SCHEMES = ("tcp", "tls", "inproc", "ucx", "ws", "wss")
 
 
 MAX_LOCAL_WORKERS = 1024
-"""The most worker processes `local_cluster` may start; far beyond a machine."""
+"""Upper bound on the worker processes of `local_cluster`, far beyond one machine."""
 
 
 @dataclass(frozen=True, slots=True)

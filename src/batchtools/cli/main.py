@@ -1731,7 +1731,7 @@ def _finish(
             click.echo(line, file=err)
     if aborted is not None:
         click.echo(f"Error: {aborted}", file=err)
-        # A damaged journal cannot be resumed; its error says what to do.
+        # A damaged journal cannot be resumed, and its error names the next step.
         damaged = any(
             isinstance(error, JournalError) and not error.resumable
             for error in (aborted, aborted.__cause__)
