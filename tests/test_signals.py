@@ -251,7 +251,7 @@ for outcome in report.outcomes:
 """
 
 
-def test_library_cancels_attempts_after_its_grace_period(tmp_path: Path) -> None:
+def test_library_grace_period_cancels(tmp_path: Path) -> None:
     script = tmp_path / "grace.py"
     script.write_text(GRACE_SCRIPT)
     output = tmp_path / "stdout"
@@ -294,9 +294,7 @@ def test_library_cancels_attempts_after_its_grace_period(tmp_path: Path) -> None
     ],
     ids=["zero", "huge"],
 )
-def test_library_rejects_invalid_grace_before_running(
-    grace: float | str, message: str
-) -> None:
+def test_library_rejects_invalid_grace(grace: float | str, message: str) -> None:
     ran: list[int] = []
 
     with pytest.raises(ConfigurationError, match=message):
@@ -304,7 +302,7 @@ def test_library_rejects_invalid_grace_before_running(
     assert ran == []
 
 
-def test_sigint_before_the_run_starts_exits_130(tmp_path: Path) -> None:
+def test_sigint_before_run_exits_130(tmp_path: Path) -> None:
     # The task's module is imported while options are checked, before the
     # journal exists, so the signal arrives before the run handles signals.
     marker = tmp_path / "importing"

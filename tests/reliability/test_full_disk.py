@@ -284,8 +284,8 @@ def _run_out_of_space(
 ) -> Outcome:
     """Run the CLI, take the disk's space once items are committed, wait for it.
 
-    The journal is on the disk, or with ``results`` the `--results` folder
-    is, and the journal stays on the test's own disk.
+    With ``results``, the `--results` folder is on that disk and the journal
+    on the test's own disk. Otherwise the journal is on that disk.
     """
     count = campaign.size(200, 2000)
     fast = count // 4
@@ -455,7 +455,7 @@ def _small_file_limit() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
 
-def test_no_room_to_create_the_journal_leaves_nothing(
+def test_no_room_at_creation_leaves_nothing(
     tmp_path: Path, scenario: ScenarioRecord
 ) -> None:
     journal = tmp_path / "run.db"
@@ -488,13 +488,13 @@ def _fill_leaving(folder: Path, free: int) -> Path:
 def test_disk_full_at_journal_creation(
     tmp_path: Path, scenario: ScenarioRecord
 ) -> None:
-    # With a little room left, the journal's creation runs out of space at
-    # one step or another of it. Each time there is either no journal or a
+    # With a little room left, creating the journal runs out of space at one
+    # step or another. Each time there is either no journal or a
     # whole one, and the same command works once the space is back.
     with _tmpfs(tmp_path / "tmpfs") as tmpfs:
         if tmpfs is None:
             scenario.notes["fallback"] = "unshare is not permitted here"
-            test_no_room_to_create_the_journal_leaves_nothing(tmp_path, scenario)
+            test_no_room_at_creation_leaves_nothing(tmp_path, scenario)
             return
         inside = tmpfs.outside()
         for free in range(4096, 81920, 8192):

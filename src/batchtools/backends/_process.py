@@ -1416,9 +1416,9 @@ class ProcessBackend(Backend):
 
         A call waits while it is queued here, while its worker starts (a
         replacement for a worker killed by a timeout, say, with its setup),
-        and while the worker runs an earlier chunk. Without the moment the
-        worker took it, the later of its send and its worker's start stands
-        for it.
+        and while the worker runs an earlier chunk. The parent does not see
+        the moment the worker takes it, so the later of its send and its
+        worker's start is returned instead.
         """
         located = self._locate(call)
         if located is None:

@@ -125,7 +125,7 @@ def read_toml(path: str) -> dict[str, Any]:
             "flatten it"
         ) from None
     except ValueError:
-        # tomllib converts integers with int(), which refuses over 4,300 digits.
+        # tomllib converts integers with int(), which rejects over 4,300 digits.
         raise ConfigurationError(
             f"job file {path!r} contains an integer too long to read; shorten it"
         ) from None
@@ -158,7 +158,7 @@ def schema_error(
         )
     if first["type"] == "missing":
         return ConfigurationError(f"job file {path!r}: {where!r} is missing; add it")
-    # A check of ours raised ValueError, to which pydantic adds a prefix.
+    # pydantic prefixes the message of a ValueError that our checks raise.
     message = first["msg"].removeprefix("Value error, ")
     return ConfigurationError(
         f"job file {path!r}: invalid value {first.get('input')!r} for {where}: "

@@ -87,9 +87,10 @@ class OutputWriter:
         result = _result_of(outcome)
         try:
             self._keep(outcome, result)
-        except OSError:
+        except Exception:
+            # The engine then skips the output, which would close the result.
             if result is not None:
-                result.close()  # the output, which closes it, never comes
+                result.close()
             raise
 
     def on_outcome(self, outcome: Outcome) -> None:

@@ -184,10 +184,8 @@ class _LazyGroup(click.Group):
         return sorted({*super().list_commands(context), *self.lazy_commands})
 
     def invoke(self, context: click.Context) -> Any:
-        # A run handles SIGINT itself from the moment it creates its journal.
-        # Before that (while options are checked and modules load), and in
-        # the other commands, Ctrl-C ends here rather than in click's
-        # "Aborted!" with exit status 1.
+        # A run handles SIGINT itself once its journal exists. Before that,
+        # and in other commands, Ctrl-C exits 130 here instead of click's 1.
         try:
             return super().invoke(context)
         except KeyboardInterrupt:

@@ -75,10 +75,11 @@ retry_log = logging.getLogger("batchtools.retry")
 attempt_log = logging.getLogger("batchtools.attempts")
 # The CLI shows these by default, unlike the engine's routine messages.
 memory_log = logging.getLogger("batchtools.memory")
-_WAIT_RECHECK = 0.1
-"""Most seconds between two looks at an attempt whose timeout expired while it
-still waited for a worker."""
 cache_log = logging.getLogger("batchtools.cache")
+
+_WAIT_RECHECK = 0.1
+"""Maximum seconds between two checks of an attempt whose timeout expired while
+it still waited for a worker."""
 
 VALUE_LIMIT = 64 * 1024
 # Enum members hash in Python code; their ids hash in C.
@@ -1665,8 +1666,8 @@ class Engine:
     def _kept(self, index: int, outcome: Outcome) -> bool:
         """Store ``outcome`` through the keep hook; return whether that worked.
 
-        Called before the outcome goes to the journal. If storing failed,
-        the outcome is dropped and the run stops: the journal still has the
+        Called before the outcome goes to the journal. If storing fails, the
+        outcome is dropped and the run stops. The journal still records the
         item as running, so a resume runs it again.
         """
         assert self._keep is not None
@@ -1756,8 +1757,8 @@ class Engine:
         """Return a new deadline if ``call`` began after its hand-over, else None.
 
         A backend with workers of its own may hold an attempt until a worker
-        can take it; the timeout counts from then. An attempt that still
-        waits is looked at again after `_WAIT_RECHECK` seconds at most.
+        can take it, and the timeout counts from then. An attempt that still
+        waits is checked again within `_WAIT_RECHECK` seconds.
         """
         assert call.timeout is not None
         began = self.backend.began(call)

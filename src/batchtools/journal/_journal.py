@@ -329,7 +329,8 @@ def _check_pages(path: Path) -> None:
     A resume writes a session record first and reads the items later, so
     without this check a damaged page deep in the file would be found only
     after the file was changed. ``PRAGMA quick_check`` reads every page
-    once, about a second for a journal of a million items.
+    once: about 0.3 s for a journal of a million items (194 MiB) once the
+    file is in the page cache.
     """
     try:
         conn = _connect(path, readonly=True)
@@ -1251,10 +1252,8 @@ def _create_file(path: Path, run_row: tuple[Any, ...]) -> None:
     try:
         conn = _connect(temporary)
         try:
-            # A rollback journal, not the write-ahead log, while the file is
-            # made: the commit then writes the file itself, and a full disk
-            # fails the commit instead of a later checkpoint that closing a
-            # connection does silently. The first session turns on the log.
+            # With a rollback journal, a full disk fails the commit itself,
+            # not a silent checkpoint at close. The first session enables WAL.
             conn.execute("PRAGMA journal_mode=DELETE")
             for pragma in sql.PRAGMAS:
                 if not pragma.startswith("PRAGMA journal_mode"):
@@ -1278,7 +1277,7 @@ def _create_file(path: Path, run_row: tuple[Any, ...]) -> None:
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
     with contextlib.suppress(OSError):
-        sync_folder(str(path.parent))  # the journal exists whether this works
+        sync_folder(str(path.parent))  # the journal is complete without it
 
 
 def _check_created(path: Path) -> None:
